@@ -1,0 +1,49 @@
+"""torch-coherence: is SGD stable at the current weights, learning rate and batch size?
+
+The public API, grouped by concept:
+
+* coherence (paper 000, Definition 2): :func:`coherence_from_hessians`,
+  :func:`coherence_from_factors`, :func:`coherence_from_gram`, :class:`CoherenceStats`.
+* stability theory (paper 000 Theorems 1-2, paper 002 Theorem C.8): :func:`stability_report`,
+  :class:`StabilityReport`, :func:`theorem1_threshold`, :func:`theorem2_bound`,
+  :func:`gd_threshold`, :func:`sam_threshold`, :func:`critical_lr`,
+  :func:`critical_batch_size`.
+"""
+
+from .coherence import (
+    CoherenceStats,
+    UndefinedCoherenceError,
+    coherence_from_factors,
+    coherence_from_gram,
+    coherence_from_hessians,
+)
+from .theory import (
+    StabilityReport,
+    critical_batch_size,
+    critical_lr,
+    gd_threshold,
+    sam_threshold,
+    stability_report,
+    theorem1_threshold,
+    theorem2_bound,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # coherence
+    "CoherenceStats",
+    "UndefinedCoherenceError",
+    "coherence_from_factors",
+    "coherence_from_gram",
+    "coherence_from_hessians",
+    # stability theory
+    "StabilityReport",
+    "critical_batch_size",
+    "critical_lr",
+    "gd_threshold",
+    "sam_threshold",
+    "stability_report",
+    "theorem1_threshold",
+    "theorem2_bound",
+]
