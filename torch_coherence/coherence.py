@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._validation import check_finite_tensor, default_tol
-from .linalg import AUTO_EXACT_MAX, top_eigenvalue
+from .linalg import resolve_eig_method, top_eigenvalue
 
 __all__ = [
     "CoherenceStats",
@@ -123,6 +123,7 @@ def _finish(
             f"sigma is undefined: all {n} per-sample curvatures are zero "
             "(max_i lambda_1(H_i) = 0, so lambda_1(S) / max_i lambda_1(H_i) is 0/0)"
         )
+    eig_method = resolve_eig_method(eig_method, n)
     lam_S = top_eigenvalue(S, eig_method=eig_method, tol=tol, name="S").value
     sigma = lam_S / max_sample
     return CoherenceStats(
@@ -148,6 +149,11 @@ def coherence_from_hessians(
     S_ij = sqrt(tr(H_i H_j)) = sqrt(<vec H_i, vec H_j>) for symmetric H_i, computed as one
     (n, d^2) x (d^2, n) product; no matrix square root is formed.
 
+    Accuracy: where tr(H_i H_j) is near 0 (nearly orthogonal curvature), dense float64
+    matrices determine it only to about eps ||H_i|| ||H_j||, hence S_ij only to about
+    sqrt(eps) ||H|| ~ 1e-8 ||H||: the square root is ill-conditioned at 0, whatever the
+    algorithm. Factors (:func:`coherence_from_factors`) do not lose this accuracy.
+
     Args:
         hessians: (n, d, d) symmetric PSD matrices, any floating dtype.
         eig_method: eigen-solver for lambda_1(S) and lambda_1(H) (see
@@ -163,8 +169,7 @@ def coherence_from_hessians(
     check_finite_tensor("hessians", hessians)
     if hessians.dim() != 3 or hessians.shape[1] != hessians.shape[2]:
         raise ValueError(
-            "hessians must have shape (n, d, d) (n square matrices), "
-            f"got {tuple(hessians.shape)}"
+            f"hessians must have shape (n, d, d) (n square matrices), got {tuple(hessians.shape)}"
         )
     n, d, _ = hessians.shape
     if n < 1 or d < 1:
@@ -243,9 +248,7 @@ def coherence_from_gram(
             raise ValueError(f"gram of shape (n, n) must be square, got {tuple(gram.shape)}")
         gram = gram.reshape(gram.shape[0], 1, gram.shape[0], 1)
     elif gram.dim() != 4 or gram.shape[0] != gram.shape[2] or gram.shape[1] != gram.shape[3]:
-        raise ValueError(
-            f"gram must have shape (n, C, n, C) or (n, n), got {tuple(gram.shape)}"
-        )
+        raise ValueError(f"gram must have shape (n, C, n, C) or (n, n), got {tuple(gram.shape)}")
     n, C = gram.shape[0], gram.shape[1]
     if n < 1 or C < 1:
         raise ValueError(f"gram must have n, C >= 1, got {tuple(gram.shape)}")
@@ -260,9 +263,7 @@ def coherence_from_gram(
     block_eigs = torch.linalg.eigvalsh(diag_blocks)
     _check_psd_eigs("gram", block_eigs, tol_in, "diagonal block")
     gram_sq = K.pow(2).sum(dim=(1, 3))  # ||K_ij||_F^2 = tr(H_i H_j)
-    resolved = eig_method
-    if eig_method == "auto":
-        resolved = "exact" if n * C <= AUTO_EXACT_MAX else "lanczos"
+    resolved = resolve_eig_method(eig_method, n * C)
     if resolved == "exact":
         all_eigs = torch.linalg.eigvalsh(Kflat)
         _check_psd_eigs("gram", all_eigs.unsqueeze(0), tol_in, None)

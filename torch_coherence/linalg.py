@@ -31,6 +31,7 @@ __all__ = [
     "EigResult",
     "lanczos",
     "power_iteration",
+    "resolve_eig_method",
     "symmetric_min_eigenvalue",
     "top_eigenvalue",
 ]
@@ -63,9 +64,16 @@ class EigResult:
     converged: bool
 
 
-def _check_method(eig_method: str) -> str:
+def resolve_eig_method(eig_method: str, size: int) -> str:
+    """Validate ``eig_method`` and resolve ``"auto"`` for a matrix with ``size`` rows.
+
+    ``"auto"`` becomes ``"exact"`` up to :data:`AUTO_EXACT_MAX` rows and ``"lanczos"``
+    above.
+    """
     if eig_method not in EIG_METHODS:
         raise ValueError(f"eig_method must be one of {EIG_METHODS}, got {eig_method!r}")
+    if eig_method == "auto":
+        return "exact" if size <= AUTO_EXACT_MAX else "lanczos"
     return eig_method
 
 
@@ -163,8 +171,9 @@ def power_iteration(
     if not torch.isfinite(nrm) or nrm == 0:
         raise ValueError("v0 must be finite and non-zero")
     v = v / nrm
-    theta, residual, converged = 0.0, math.inf, False
-    for k in range(1, max_iter + 1):
+    theta, residual, converged, products = 0.0, math.inf, False, 0
+    while products < max_iter:
+        products += 1
         w = matvec(v).detach().to(torch.float64).reshape(-1)
         theta = float(v @ w)
         residual = float(torch.linalg.vector_norm(w - theta * v))
@@ -176,9 +185,7 @@ def power_iteration(
             converged = True
             break
         v = w / wn
-    else:
-        k = max_iter
-    return EigResult(theta, v, k, residual, converged)
+    return EigResult(theta, v, products, residual, converged)
 
 
 def _dense_matrix(matrix: torch.Tensor, name: str) -> torch.Tensor:
@@ -193,6 +200,7 @@ def top_eigenvalue(
     eig_method: str = "auto",
     tol: float = 1e-10,
     v0: torch.Tensor | None = None,
+    max_iter: int | None = None,
     name: str = "matrix",
 ) -> EigResult:
     """Largest eigenvalue of a dense symmetric matrix with the chosen method.
@@ -203,21 +211,21 @@ def top_eigenvalue(
         tol: relative tolerance of the iterative methods.
         v0: start vector of the iterative methods (default: all ones, which is the right
             start for the Perron root of a non-negative matrix).
+        max_iter: most products of the iterative methods (default: n for Lanczos, capped
+            at 300; 100000 for power iteration).
         name: the argument name used in error messages.
     """
-    _check_method(eig_method)
     A = _dense_matrix(matrix, name)
     n = A.shape[0]
-    if eig_method == "auto":
-        eig_method = "exact" if n <= AUTO_EXACT_MAX else "lanczos"
+    eig_method = resolve_eig_method(eig_method, n)
     if eig_method == "exact" or n <= 2:
         evals, evecs = torch.linalg.eigh(A)
         return EigResult(float(evals[-1]), evecs[:, -1], 0, 0.0, True)
     start = torch.ones(n, dtype=torch.float64) if v0 is None else v0
     if eig_method == "lanczos":
-        res = lanczos(lambda x: A @ x, start, tol=tol, max_iter=min(n, 300))
+        res = lanczos(lambda x: A @ x, start, tol=tol, max_iter=max_iter or min(n, 300))
     else:
-        res = power_iteration(lambda x: A @ x, start, tol=tol)
+        res = power_iteration(lambda x: A @ x, start, tol=tol, max_iter=max_iter or 100_000)
     if not res.converged:
         warnings.warn(
             f"{eig_method} did not reach relative tolerance {tol} on {name} "

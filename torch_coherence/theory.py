@@ -52,11 +52,11 @@ def _ratio_minus_one(batch_size: object, n: object) -> tuple[float, int, float]:
 
 def _sam_factor(sam_rho: object | None, sam_alpha: object, lambda_min: object) -> float:
     """1 + (rho/alpha) lambda_min(H), the SAM factor of Theorem C.8 (1 without SAM)."""
+    lmin = check_nonnegative("lambda_min", lambda_min)
+    alpha = check_positive("sam_alpha", sam_alpha)
     if sam_rho is None:
         return 1.0
     rho = check_nonnegative("sam_rho", sam_rho)
-    alpha = check_positive("sam_alpha", sam_alpha)
-    lmin = check_nonnegative("lambda_min", lambda_min)
     return 1.0 + rho / alpha * lmin
 
 

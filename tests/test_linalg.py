@@ -1,0 +1,82 @@
+"""Eigen-solvers against the dense symmetric eigensolver."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from references import F64
+
+from torch_coherence import linalg
+
+
+def random_psd(gen: torch.Generator, n: int, rank: int) -> torch.Tensor:
+    X = torch.randn(n, rank, generator=gen, dtype=F64)
+    return X @ X.T
+
+
+@pytest.mark.parametrize("method", ["exact", "lanczos", "power", "auto"])
+@pytest.mark.parametrize(("n", "rank"), [(1, 1), (2, 2), (50, 5), (120, 120)])
+def test_top_eigenvalue_matches_eigvalsh(method: str, n: int, rank: int, gen) -> None:
+    A = random_psd(gen, n, rank)
+    ref = float(torch.linalg.eigvalsh(A)[-1])
+    res = linalg.top_eigenvalue(A, eig_method=method)
+    assert res.value == pytest.approx(ref, rel=1e-9)
+    assert res.converged
+    v = res.vector
+    assert float(torch.linalg.vector_norm(A @ v - res.value * v)) <= 1e-6 * ref
+
+
+def test_lanczos_needs_few_products_and_reports_residual(gen) -> None:
+    A = random_psd(gen, 300, 300)
+    res = linalg.lanczos(lambda x: A @ x, torch.ones(300, dtype=F64), tol=1e-8, max_iter=300)
+    ref = float(torch.linalg.eigvalsh(A)[-1])
+    assert res.value == pytest.approx(ref, rel=1e-12)
+    assert res.matvecs < 100
+    assert res.residual <= 1e-8 * ref
+
+
+def test_lanczos_warm_start_from_eigenvector_is_immediate(gen) -> None:
+    A = random_psd(gen, 80, 10)
+    evals, evecs = torch.linalg.eigh(A)
+    res = linalg.lanczos(lambda x: A @ x, evecs[:, -1], tol=1e-8)
+    assert res.matvecs == 1
+    assert res.value == pytest.approx(float(evals[-1]), rel=1e-12)
+
+
+def test_lanczos_accepts_float32_operators(gen) -> None:
+    A = random_psd(gen, 40, 40).float()
+    res = linalg.lanczos(lambda x: A @ x.float(), torch.ones(40), tol=1e-5)
+    assert res.value == pytest.approx(float(torch.linalg.eigvalsh(A.double())[-1]), rel=1e-5)
+
+
+def test_power_iteration_finds_perron_root_of_nonnegative_matrix(gen) -> None:
+    S = torch.rand(30, 30, generator=gen, dtype=F64)
+    S = S + S.T
+    res = linalg.power_iteration(lambda x: S @ x, torch.ones(30, dtype=F64))
+    assert res.value == pytest.approx(float(torch.linalg.eigvalsh(S)[-1]), rel=1e-12)
+    assert bool((res.vector > 0).all())
+
+
+def test_non_convergence_warns(gen) -> None:
+    A = torch.diag(torch.tensor([1.0, 0.999999, 0.5], dtype=F64))
+    res = linalg.power_iteration(lambda x: A @ x, torch.ones(3, dtype=F64), max_iter=5)
+    assert not res.converged
+    with pytest.warns(RuntimeWarning, match="did not reach relative tolerance"):
+        linalg.top_eigenvalue(A, eig_method="power", max_iter=5)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="eig_method must be one of"):
+        linalg.top_eigenvalue(torch.eye(3), eig_method="svd")
+    with pytest.raises(ValueError, match="must be a square matrix"):
+        linalg.top_eigenvalue(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="v0 must be finite and non-zero"):
+        linalg.lanczos(lambda x: x, torch.zeros(3))
+    with pytest.raises(ValueError, match="v0 must be a non-empty 1-D tensor"):
+        linalg.lanczos(lambda x: x, torch.ones(2, 2))
+    with pytest.raises(ValueError, match="max_iter must be >= 1"):
+        linalg.lanczos(lambda x: x, torch.ones(2), max_iter=0)
+    with pytest.raises(ValueError, match="matvec returned 2 entries for a vector of 3"):
+        linalg.lanczos(lambda x: x[:2], torch.ones(3))
+    assert linalg.resolve_eig_method("auto", 10) == "exact"
+    assert linalg.resolve_eig_method("auto", linalg.AUTO_EXACT_MAX + 1) == "lanczos"
