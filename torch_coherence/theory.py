@@ -254,17 +254,17 @@ class StabilityReport:
         )
         names = {"gd": "full-batch (GD)", "theorem1": "Theorem 1", "sam": "SAM (Theorem C.8)"}
         where = names[self.binding]
-        fixes = [f"lower the learning rate below {self.critical_lr:.4g}"]
+        fix = f"lower the learning rate below {self.critical_lr:.4g}"
         if math.isinf(self.critical_batch_size):
-            fixes.append("no batch size helps, because even full-batch GD diverges")
+            fix += " (no batch size helps: even full-batch GD diverges at this learning rate)"
         else:
-            fixes.append(f"raise the batch size above {_fmt_b(self.critical_batch_size)}")
+            fix += f" or raise the batch size above {_fmt_b(self.critical_batch_size)}"
         if self.unstable:
             return (
                 f"UNSTABLE: sharpness {self.sharpness:.4g} exceeds the {where} threshold "
                 f"{self.divergence_threshold:.4g} (margin {self.margin:.3g}) for {setting}: "
                 f"the linearized {optim} dynamics diverge in mean square (E||w||^2 grows "
-                f"without bound). To restore stability, " + " or ".join(fixes) + "."
+                f"without bound). To restore stability, {fix}."
             )
         tail = (
             "Below the Theorem 2 bound "
