@@ -1,0 +1,228 @@
+"""The shared probe: schedule, hyperparameters, report, hysteresis, actions, failures, state."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from torch_coherence.optim import SAM
+from torch_coherence.probe import (
+    TAGS,
+    CoherenceProbe,
+    CoherenceProbeError,
+    CoherenceWarning,
+    UnstableTrainingError,
+    effective_optimizer_params,
+    sample_probe,
+)
+from torch_coherence.theory import critical_lr
+
+N, B, SIGMA, SHARP = 1000, 10, 4.0, 2.0
+
+
+class ScriptedEngine:
+    """Returns the sharpness and sigma it is told (the probe's logic, not the maths)."""
+
+    def __init__(self, sharpness: float = SHARP, sigma: float = SIGMA) -> None:
+        self.sharpness, self.sigma, self.calls = sharpness, sigma, []
+
+    def __call__(self, model, inputs, targets, loss, **kwargs):
+        self.calls.append(kwargs)
+        if isinstance(self.sharpness, Exception):
+            raise self.sharpness
+        stats = SimpleNamespace(
+            sigma=self.sigma,
+            lambda_S=self.sigma * 3.0,
+            max_sample_sharpness=3.0,
+            sharpness=self.sharpness,
+        )
+        return SimpleNamespace(
+            stats=stats,
+            hessian_sharpness=self.sharpness * 1.1,
+            ggn_sharpness=self.sharpness,
+            gradient_noise_scale=12.0,
+        )
+
+
+def _probe(engine: ScriptedEngine, **kw) -> CoherenceProbe:
+    data = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    kw.setdefault("every_n_steps", 1)
+    return CoherenceProbe(
+        loss=nn.CrossEntropyLoss(), probe=data, dataset_size=N, engine=engine, **kw
+    )
+
+
+def _crit() -> float:
+    return critical_lr(SHARP, SIGMA, B, N)
+
+
+def _opt(lr: float, **kw) -> torch.optim.Optimizer:
+    return torch.optim.SGD(nn.Linear(3, 2).parameters(), lr=lr, **kw)
+
+
+def test_metric_tags_and_values() -> None:
+    probe = _probe(ScriptedEngine())
+    res = probe.run(nn.Linear(3, 2), _opt(0.5 * _crit()), B)
+    assert set(res.metrics) <= set(TAGS)
+    expected = set(TAGS) - {"stability/mean_square_rate"}
+    assert set(res.metrics) == expected
+    assert res.metrics["stability/critical_lr"] == pytest.approx(_crit())
+    assert res.metrics["stability/margin"] == pytest.approx(0.5)
+    assert res.metrics["sharpness/hessian"] == pytest.approx(2.2)
+
+
+def test_reads_momentum_weight_decay_and_sam_rho() -> None:
+    p = nn.Linear(3, 2).parameters()
+    sam = SAM(p, torch.optim.SGD, rho=0.07, lr=0.3, momentum=0.9, weight_decay=1e-3)
+    assert effective_optimizer_params(sam) == {
+        "lr": 0.3,
+        "momentum": 0.9,
+        "weight_decay": 1e-3,
+        "sam_rho": 0.07,
+    }
+    adam = torch.optim.Adam(nn.Linear(3, 2).parameters(), lr=1e-3)
+    assert effective_optimizer_params(adam)["sam_rho"] is None
+    probe = _probe(ScriptedEngine())
+    with pytest.warns(CoherenceWarning):
+        res = probe.run(nn.Linear(3, 2), sam, B)
+    assert res.report.sam_rho == 0.07 and res.report.momentum == 0.9
+    assert res.report.sharpness == pytest.approx(SHARP + 1e-3)
+
+
+def test_hysteresis_warns_once_per_crossing() -> None:
+    probe = _probe(ScriptedEngine(), margin_warning=0.8)
+    opt = _opt(0.5 * _crit())
+    model = nn.Linear(3, 2)
+    seen = []
+    for factor in (0.5, 0.9, 0.95, 1.2, 1.3, 0.9, 1.4, 0.5, 0.85):
+        opt.param_groups[0]["lr"] = factor * _crit()
+        probe.steps += 1
+        res = probe.run(model, opt, B, warn=seen.append)
+        assert len(res.messages) <= 1
+    kinds = ["above the critical" in m for m in seen]
+    assert kinds == [False, True, True, False]
+    assert "mean-square divergence of the linearized dynamics" in seen[1]
+    assert len(probe.history) == 9
+
+
+def test_warning_text_names_numbers_and_fix() -> None:
+    probe = _probe(ScriptedEngine())
+    lr = 1.3 * _crit()
+    with pytest.warns(CoherenceWarning) as rec:
+        probe.run(nn.Linear(3, 2), _opt(lr), B)
+    msg = str(rec[0].message)
+    rep = probe.last_report
+    assert f"learning rate {lr:.3g} is above the critical {rep.critical_lr:.3g}" in msg
+    assert f"batch size {B}: lower it or raise the batch size above" in msg
+    assert f"{rep.critical_batch_size:.0f}" in msg
+
+
+def test_half_critical_is_silent() -> None:
+    probe = _probe(ScriptedEngine())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probe.run(nn.Linear(3, 2), _opt(0.5 * _crit()), B)
+
+
+def test_raise_stop_adjust() -> None:
+    model = nn.Linear(3, 2)
+    with pytest.warns(CoherenceWarning), pytest.raises(UnstableTrainingError) as err:
+        _probe(ScriptedEngine(), on_unstable="raise").run(model, _opt(2 * _crit()), B)
+    assert err.value.report.unstable
+    probe = _probe(ScriptedEngine(), on_unstable="stop")
+    with pytest.warns(CoherenceWarning):
+        assert probe.run(model, _opt(2 * _crit()), B).stop
+    opt = _opt(2 * _crit())
+    opt.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lr": _crit()})
+    probe = _probe(ScriptedEngine(), on_unstable="adjust_lr", lr_safety=0.5)
+    with pytest.warns(CoherenceWarning) as rec:
+        res = probe.run(model, opt, B)
+    assert any("lowered the learning rate" in str(w.message) for w in rec)
+    assert res.new_lr == pytest.approx(0.5 * _crit())
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * _crit())
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.25 * _crit())
+
+
+def test_failing_probe_warns_and_continues_unless_raise() -> None:
+    probe = _probe(ScriptedEngine(RuntimeError("out of memory")))
+    with pytest.warns(CoherenceWarning, match="failed .*out of memory.*training continues"):
+        res = probe.run(nn.Linear(3, 2), _opt(0.1), B)
+    assert res.error and not res.metrics and probe.history[-1]["error"]
+    probe = _probe(ScriptedEngine(math.nan))
+    with pytest.warns(CoherenceWarning, match="non-finite"):
+        probe.run(nn.Linear(3, 2), _opt(0.1), B)
+    probe = _probe(ScriptedEngine(RuntimeError("boom")), on_unstable="raise")
+    with pytest.warns(CoherenceWarning), pytest.raises(CoherenceProbeError, match="boom"):
+        probe.run(nn.Linear(3, 2), _opt(0.1), B)
+
+
+def test_schedule_counts_optimizer_steps_through_hook() -> None:
+    model = nn.Linear(3, 2)
+    sam = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    probe = _probe(ScriptedEngine(), every_n_steps=3)
+    probe.attach(sam)
+    due = []
+    for _ in range(7):
+        model(torch.randn(4, 3)).sum().backward()
+        sam.first_step(zero_grad=True)
+        model(torch.randn(4, 3)).sum().backward()
+        sam.second_step(zero_grad=True)
+        due.append(probe.due())
+        if probe.due():
+            probe.run(model, sam, B)
+    probe.detach()
+    assert probe.steps == 7 and due == [False, False, True, False, False, True, False]
+
+
+def test_state_dict_round_trip() -> None:
+    probe = _probe(ScriptedEngine())
+    opt = _opt(1.5 * _crit())
+    with pytest.warns(CoherenceWarning):
+        for _ in range(3):
+            probe.steps += 1
+            probe.run(nn.Linear(3, 2), opt, B)
+    state = probe.state_dict()
+    fresh = _probe(ScriptedEngine())
+    fresh.load_state_dict(state)
+    assert fresh.history == probe.history and fresh.armed == (False, False)
+    assert fresh.steps == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # still above 1: no new warning after resume
+        fresh.steps += 1
+        fresh.run(nn.Linear(3, 2), opt, B)
+
+
+def test_probe_batch_is_seeded_and_leaves_global_rng() -> None:
+    data = torch.utils.data.TensorDataset(torch.arange(100.0).unsqueeze(1), torch.arange(100))
+    state = torch.get_rng_state()
+    x1, y1 = sample_probe(data, 10, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    x2, _ = sample_probe(torch.utils.data.DataLoader(data, shuffle=True).dataset, 10, seed=3)
+    assert torch.equal(x1, x2) and len(set(y1.tolist())) == 10
+    assert not torch.equal(x1, sample_probe(data, 10, seed=4)[0])
+    assert sample_probe(data, 500, seed=0)[0].shape[0] == 100
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"probe_size": 1}, "probe_size"),
+        ({"dataset_size": -3}, "dataset_size"),
+        ({"on_unstable": "explode"}, "on_unstable"),
+        ({"margin_warning": 1.5}, "margin_warning"),
+        ({"lr_safety": 0.0}, "lr_safety"),
+        ({"sharpness": "max"}, "sharpness"),
+        ({"seed": -1}, "seed"),
+        ({"probe": 3}, "probe"),
+        ({"probe": (torch.zeros(3, 2), torch.zeros(4))}, "probe"),
+    ],
+)
+def test_invalid_arguments_named(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        CoherenceProbe(**kwargs)

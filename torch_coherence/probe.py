@@ -1,0 +1,705 @@
+"""The probe shared by :class:`~torch_coherence.CoherenceMonitor` and the Lightning callback.
+
+:class:`CoherenceProbe` owns everything the two integrations have in common:
+
+* the schedule: a count of optimizer steps actually taken (observed through a step hook on
+  the optimizer, or counted by the caller), not a trainer's batch or ``global_step`` counter;
+* the probe batch: fixed and seeded, from explicit tensors, a dataset or a data loader;
+* the call into the curvature engine (:func:`torch_coherence.measure_curvature`), with the
+  model's parameters, buffers, gradients, RNG and train/eval modes restored afterwards;
+* the stability report (:func:`torch_coherence.stability_report`) for the learning rate,
+  momentum and weight decay read from the optimizer's param groups, SAM's ``rho``, the batch
+  size and the data-set size;
+* the metrics (one flat dict with fixed tag names), the warnings with hysteresis, the action
+  on instability and the history that ``state_dict`` saves.
+
+The integrations only decide *when* to call :meth:`CoherenceProbe.measure` and
+:meth:`CoherenceProbe.commit`, how to reach the optimizer and where to send metrics.
+
+Everything "unstable" here means what the theory proves: **mean-square divergence of the
+linearized dynamics** (E||w_k||^2 grows without bound near the current weights).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .theory import StabilityReport, stability_report
+
+__all__ = [
+    "ON_UNSTABLE",
+    "TAGS",
+    "CoherenceProbe",
+    "CoherenceProbeError",
+    "CoherenceWarning",
+    "ProbeResult",
+    "UnstableTrainingError",
+    "effective_optimizer_params",
+]
+
+#: The actions ``on_unstable`` accepts.
+ON_UNSTABLE = ("warn", "raise", "stop", "adjust_lr")
+
+#: Every metric tag a probe can log, in logging order. ``stability/mean_square_rate`` is
+#: present only when :mod:`torch_coherence.dynamics` is available, ``sharpness/hessian``
+#: only when the engine computed the Hessian sharpness.
+TAGS = (
+    "coherence/sigma",
+    "coherence/lambda_S",
+    "coherence/max_sample_sharpness",
+    "sharpness/hessian",
+    "sharpness/ggn",
+    "stability/gd_threshold",
+    "stability/theorem1_threshold",
+    "stability/theorem2_bound",
+    "stability/margin",
+    "stability/critical_lr",
+    "stability/critical_batch_size",
+    "stability/mean_square_rate",
+    "noise/gradient_noise_scale",
+    "probe/seconds",
+)
+
+
+class CoherenceWarning(UserWarning):
+    """Category of every warning the probe emits (filter it with :mod:`warnings`)."""
+
+
+class UnstableTrainingError(RuntimeError):
+    """Raised with ``on_unstable="raise"`` when the margin crosses 1.
+
+    Attributes:
+        report: the :class:`~torch_coherence.StabilityReport` that crossed.
+        step: the optimizer-step count at the probe.
+    """
+
+    def __init__(self, message: str, report: StabilityReport | None, step: int) -> None:
+        super().__init__(message)
+        self.report = report
+        self.step = step
+
+
+class CoherenceProbeError(RuntimeError):
+    """Raised with ``on_unstable="raise"`` when the probe itself fails."""
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """The outcome of one probe: small and picklable (it is broadcast under DDP).
+
+    Attributes:
+        step: optimizer-step count at which the probe ran.
+        metrics: tag -> value (see :data:`TAGS`); empty when the probe failed.
+        report: the stability report, or ``None`` when the probe failed.
+        error: a one-line description of the failure, or ``None``.
+        messages: warnings to emit at this probe (after hysteresis).
+        armed: the hysteresis state after this probe: (warn at margin_warning, warn at 1).
+        stop: whether training should stop.
+        new_lr: the learning rate set by ``on_unstable="adjust_lr"``, else ``None``.
+        raise_error: whether :meth:`CoherenceProbe.commit` raises.
+    """
+
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    report: StabilityReport | None = None
+    error: str | None = None
+    messages: tuple[str, ...] = ()
+    armed: tuple[bool, bool] = (True, True)
+    stop: bool = False
+    new_lr: float | None = None
+    raise_error: bool = False
+
+
+def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer behind a Lightning wrapper."""
+    return getattr(optimizer, "_optimizer", optimizer)
+
+
+def effective_optimizer_params(optimizer: Any) -> dict[str, float | None]:
+    """Learning rate, momentum, weight decay and SAM radius from the param groups.
+
+    With several groups the largest learning rate is used (the most unstable direction
+    decides), and the momentum and weight decay of that group. SAM (any optimizer with a
+    ``base_optimizer`` and a ``rho`` in its groups) contributes ``rho``.
+
+    Args:
+        optimizer: a :class:`torch.optim.Optimizer` (or Lightning's wrapper of one).
+
+    Returns:
+        ``{"lr", "momentum", "weight_decay", "sam_rho"}`` (``sam_rho`` is ``None`` without SAM).
+    """
+    opt = _unwrap(optimizer)
+    groups = [g for g in opt.param_groups if "lr" in g]
+    if not groups:
+        raise ValueError("optimizer has no param group with a learning rate 'lr'")
+    group = max(groups, key=lambda g: float(g["lr"]))
+    momentum = group.get("momentum", 0.0)
+    if momentum is None:
+        momentum = 0.0
+    rho = group.get("rho") if hasattr(opt, "base_optimizer") else None
+    return {
+        "lr": float(group["lr"]),
+        "momentum": float(momentum),
+        "weight_decay": float(group.get("weight_decay", 0.0) or 0.0),
+        "sam_rho": None if rho is None else float(rho),
+    }
+
+
+def _count_target(optimizer: Any) -> torch.optim.Optimizer:
+    """The optimizer whose ``step`` runs exactly once per training step (SAM: its base)."""
+    opt = _unwrap(optimizer)
+    return getattr(opt, "base_optimizer", opt)
+
+
+def _check_int(name: str, value: object, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _check_fraction(name: str, value: object, *, upper_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    ok = 0 < value < 1 if upper_open else 0 < value <= 1
+    if not ok:
+        bound = "(0, 1)" if upper_open else "(0, 1]"
+        raise ValueError(f"{name} must lie in {bound}, got {value!r}")
+    return float(value)
+
+
+def _fmt(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:.3g}"
+
+
+def _fmt_b(b: float) -> str:
+    if math.isinf(b):
+        return "inf"
+    return f"{b:.0f}" if b >= 10 or float(b).is_integer() else f"{b:.2g}"
+
+
+def _default_engine(*args: Any, **kwargs: Any) -> Any:
+    from .curvature import measure_curvature
+
+    return measure_curvature(*args, **kwargs)
+
+
+def _preserved(model: nn.Module) -> Any:
+    try:
+        from ._state import preserved_state
+    except ImportError:  # TEMPORARY until torch_coherence._state lands
+        import contextlib
+
+        return contextlib.nullcontext()
+    return preserved_state(model)
+
+
+class CoherenceProbe:
+    """Schedule, measurement, report, warnings and history of the coherence probe.
+
+    Args:
+        loss: the training loss as the engine accepts it (e.g. ``nn.CrossEntropyLoss()``,
+            ``nn.MSELoss()``); may be set later through :attr:`loss`.
+        probe: explicit probe data: an ``(inputs, targets)`` pair of tensors, a dataset of
+            ``(input, target)`` samples or a data loader (its dataset is sampled; the loader
+            is never iterated, so its shuffling RNG is untouched). ``None``: supplied later
+            with :meth:`set_probe` (the Lightning callback samples the training set).
+        probe_size: number of examples drawn (seeded, without replacement) from a dataset or
+            loader; explicit tensors are used whole.
+        dataset_size: n, the size of the training set the numbers refer to; may be set later.
+        every_n_steps: probe every this many optimizer steps.
+        on_unstable: ``"warn"``, ``"raise"`` (:class:`UnstableTrainingError`; a failing probe
+            raises :class:`CoherenceProbeError`), ``"stop"`` or ``"adjust_lr"``.
+        margin_warning: warn once when the margin first reaches this value (0 < x < 1);
+            ``None`` warns only at 1.
+        lr_safety: ``"adjust_lr"`` sets the learning rate to this fraction of the critical one.
+        sharpness: which sharpness the engine computes besides the Gram matrix
+            (``"both"``, ``"hessian"``, ``"ggn"`` or ``None``: the GGN sharpness of the probe's
+            Gram only, the cheapest).
+        seed: seed of the probe-batch draw and of the engine.
+        mean_square_rate: also log rho(T), the exact mean-square rate of the linearized
+            dynamics, when :mod:`torch_coherence.dynamics` is available.
+        forward_fn: ``forward_fn(model, inputs) -> outputs`` when ``model(inputs)`` is not the
+            forward pass the loss expects.
+        engine_kwargs: further keyword arguments for :func:`torch_coherence.measure_curvature`.
+        engine: the measuring function (default :func:`torch_coherence.measure_curvature`).
+
+    Raises:
+        ValueError: an argument is out of range; the message names it.
+    """
+
+    def __init__(
+        self,
+        *,
+        loss: Any = None,
+        probe: Any = None,
+        probe_size: int = 64,
+        dataset_size: int | None = None,
+        every_n_steps: int = 100,
+        on_unstable: str = "warn",
+        margin_warning: float | None = 0.8,
+        lr_safety: float = 0.5,
+        sharpness: str | None = None,
+        seed: int = 0,
+        mean_square_rate: bool = False,
+        forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        engine_kwargs: dict[str, Any] | None = None,
+        engine: Callable[..., Any] | None = None,
+    ) -> None:
+        self.every_n_steps = _check_int("every_n_steps", every_n_steps, 1)
+        self.probe_size = _check_int("probe_size", probe_size, 2)
+        if dataset_size is not None:
+            _check_int("dataset_size", dataset_size, 1)
+        if on_unstable not in ON_UNSTABLE:
+            raise ValueError(f"on_unstable must be one of {ON_UNSTABLE}, got {on_unstable!r}")
+        if margin_warning is not None:
+            _check_fraction("margin_warning", margin_warning, upper_open=True)
+        if sharpness not in ("both", "hessian", "ggn", None):
+            raise ValueError(
+                f"sharpness must be 'both', 'hessian', 'ggn' or None, got {sharpness!r}"
+            )
+        _check_int("seed", seed, 0)
+        if forward_fn is not None and not callable(forward_fn):
+            raise ValueError("forward_fn must be callable or None")
+        if engine_kwargs is not None and not isinstance(engine_kwargs, dict):
+            raise ValueError(f"engine_kwargs must be a dict, got {type(engine_kwargs).__name__}")
+        self.loss = loss
+        self.dataset_size = dataset_size
+        self.on_unstable = on_unstable
+        self.margin_warning = margin_warning
+        self.lr_safety = _check_fraction("lr_safety", lr_safety)
+        self.sharpness = sharpness
+        self.seed = seed
+        self.mean_square_rate = bool(mean_square_rate)
+        self.forward_fn = forward_fn
+        self.engine_kwargs = dict(engine_kwargs or {})
+        self._engine = engine or _default_engine
+        self._batch: tuple[Any, Any] | None = None
+        self._device_batch: tuple[Any, Any, torch.device] | None = None
+        self.steps = 0
+        self.last_probe_step = 0
+        self.armed = (True, True)
+        self.history: list[dict[str, Any]] = []
+        self.last_curvature: Any = None
+        self.last_report: StabilityReport | None = None
+        self._warm_vector: torch.Tensor | None = None
+        self._hook: Any = None
+        if probe is not None:
+            self.set_probe(probe)
+
+    # ------------------------------------------------------------------ probe data
+    @property
+    def has_probe(self) -> bool:
+        """Whether the probe batch is set."""
+        return self._batch is not None
+
+    @property
+    def probe_batch(self) -> tuple[Any, Any] | None:
+        """The fixed ``(inputs, targets)`` probe batch (on CPU), or ``None``."""
+        return self._batch
+
+    def set_probe(self, probe: Any) -> None:
+        """Fix the probe batch from tensors, a dataset or a data loader (see the class doc)."""
+        if isinstance(probe, (tuple, list)) and len(probe) == 2 and _is_batch_like(probe[0]):
+            inputs, targets = probe
+            if _length(inputs) < 1 or _length(inputs) != _length(targets):
+                raise ValueError(
+                    "probe must be an (inputs, targets) pair with the same, non-zero number "
+                    f"of examples, got {_length(inputs)} and {_length(targets)}"
+                )
+            self._batch = (_detach(inputs), _detach(targets))
+        else:
+            dataset = getattr(probe, "dataset", probe)
+            if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+                raise ValueError(
+                    "probe must be an (inputs, targets) pair of tensors, a map-style dataset or "
+                    f"a DataLoader over one, got {type(probe).__name__}"
+                )
+            self._batch = sample_probe(dataset, self.probe_size, self.seed)
+        self._device_batch = None
+
+    def _batch_on(self, device: torch.device) -> tuple[Any, Any]:
+        assert self._batch is not None
+        if self._device_batch is None or self._device_batch[2] != device:
+            x, y = self._batch
+            self._device_batch = (_to(x, device), _to(y, device), device)
+        return self._device_batch[0], self._device_batch[1]
+
+    # ------------------------------------------------------------------ schedule
+    def attach(self, optimizer: Any) -> None:
+        """Count the optimizer's steps with a post-step hook (SAM: its base optimizer's)."""
+        self.detach()
+        target = _count_target(optimizer)
+        self._hook = target.register_step_post_hook(self._on_step)
+
+    def detach(self) -> None:
+        """Remove the step hook installed by :meth:`attach`."""
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def _on_step(self, *_: Any) -> None:
+        self.steps += 1
+
+    def due(self) -> bool:
+        """Whether a probe is due: the step count reached a new multiple of every_n_steps."""
+        return self.steps // self.every_n_steps > self.last_probe_step // self.every_n_steps
+
+    # ------------------------------------------------------------------ measurement
+    def measure(self, model: nn.Module, optimizer: Any, batch_size: float) -> ProbeResult:
+        """Run the engine on the probe batch and decide warnings and actions.
+
+        Pure with respect to the probe's own state (nothing is recorded until
+        :meth:`commit`) and to the model (its state is restored bit-identically).
+
+        Args:
+            model: the network (its ``forward`` or :attr:`forward_fn` gives the outputs).
+            optimizer: where learning rate, momentum, weight decay and SAM's rho are read.
+            batch_size: the effective batch size B of one optimizer step (all devices and
+                accumulated micro-batches together).
+        """
+        step = self.steps
+        if self._batch is None:
+            raise ValueError("the probe batch is not set: pass probe= or call set_probe()")
+        if self.loss is None:
+            raise ValueError("loss is not set: pass loss= (e.g. torch.nn.CrossEntropyLoss())")
+        if self.dataset_size is None:
+            raise ValueError("dataset_size is not set: pass dataset_size= (n, the train size)")
+        start = time.perf_counter()
+        try:
+            hyper = effective_optimizer_params(optimizer)
+            report, metrics = self._measure(model, hyper, batch_size)
+        except Exception as err:  # any failure of a diagnostic is reported
+            return self._failed(step, err)
+        metrics["probe/seconds"] = time.perf_counter() - start
+        messages, armed, stop, new_lr, raise_error = self._decide(step, report, hyper)
+        return ProbeResult(
+            step=step,
+            metrics=metrics,
+            report=report,
+            messages=messages,
+            armed=armed,
+            stop=stop,
+            new_lr=new_lr,
+            raise_error=raise_error,
+        )
+
+    def _measure(
+        self, model: nn.Module, hyper: dict[str, float | None], batch_size: float
+    ) -> tuple[StabilityReport, dict[str, float]]:
+        n = int(self.dataset_size)  # type: ignore[arg-type]
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        inputs, targets = self._batch_on(device)
+        kwargs = dict(self.engine_kwargs)
+        kwargs.setdefault("sharpness", self.sharpness)
+        kwargs.setdefault("seed", self.seed)
+        if self.forward_fn is not None:
+            kwargs.setdefault("forward_fn", self.forward_fn)
+        if self._warm_vector is not None and kwargs["sharpness"] is not None:
+            kwargs.setdefault("init_vector", self._warm_vector)
+        with _preserved(model):
+            curv = self._engine(model, inputs, targets, self.loss, n=n, **kwargs)
+        self.last_curvature = curv
+        warm = getattr(curv, "sharpness_vector", None)
+        self._warm_vector = warm if isinstance(warm, torch.Tensor) else None
+
+        stats = curv.stats
+        sigma = _full_data_sigma(curv)
+        ggn = _first_finite(getattr(curv, "ggn_sharpness", None), stats.sharpness)
+        hessian = getattr(curv, "hessian_sharpness", None)
+        for name, value in (("sigma", sigma), ("GGN sharpness", ggn)):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"non-finite {name} ({value}) from the probe batch")
+        # Weight decay wd adds wd * I to the Hessian of the regularised loss.
+        sharp = max(ggn, 0.0) + float(hyper["weight_decay"] or 0.0)
+        b = min(max(float(batch_size), 1.0), float(n))
+        report = stability_report(
+            sharp,
+            max(sigma, 1.0),
+            float(hyper["lr"]),  # type: ignore[arg-type]
+            b,
+            n,
+            momentum=min(float(hyper["momentum"] or 0.0), 0.999999),
+            sam_rho=hyper["sam_rho"],
+        )
+        metrics: dict[str, float] = {
+            "coherence/sigma": float(sigma),
+            "coherence/lambda_S": float(stats.lambda_S),
+            "coherence/max_sample_sharpness": float(stats.max_sample_sharpness),
+        }
+        if hessian is not None and math.isfinite(float(hessian)):
+            metrics["sharpness/hessian"] = float(hessian)
+        metrics["sharpness/ggn"] = float(ggn)
+        metrics.update(
+            {
+                "stability/gd_threshold": report.gd_threshold,
+                "stability/theorem1_threshold": report.theorem1_threshold,
+                "stability/theorem2_bound": report.theorem2_bound,
+                "stability/margin": report.margin,
+                "stability/critical_lr": report.critical_lr,
+                "stability/critical_batch_size": report.critical_batch_size,
+            }
+        )
+        if self.mean_square_rate:
+            rate = _mean_square_rate(curv, report.lr, b, n)
+            if rate is not None:
+                metrics["stability/mean_square_rate"] = rate
+        gns = getattr(curv, "gradient_noise_scale", None)
+        if gns is not None and math.isfinite(float(gns)):
+            metrics["noise/gradient_noise_scale"] = float(gns)
+        return report, metrics
+
+    def _failed(self, step: int, err: BaseException) -> ProbeResult:
+        what = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+        raising = self.on_unstable == "raise"
+        tail = "" if raising else "; training continues"
+        msg = f"torch-coherence: the coherence probe at optimizer step {step} failed ({what}){tail}"
+        return ProbeResult(
+            step=step, error=msg, messages=(msg,), armed=self.armed, raise_error=raising
+        )
+
+    def _decide(
+        self, step: int, report: StabilityReport, hyper: dict[str, float | None]
+    ) -> tuple[tuple[str, ...], tuple[bool, bool], bool, float | None, bool]:
+        """Hysteresis: warn once per upward crossing of margin_warning and of 1."""
+        warn_armed, unstable_armed = self.armed
+        margin = report.margin
+        messages: list[str] = []
+        if self.margin_warning is not None:
+            if margin >= self.margin_warning and margin <= 1 and warn_armed:
+                messages.append(self.approaching_message(step, report))
+                warn_armed = False
+            elif margin < self.margin_warning:
+                warn_armed = True
+        stop, new_lr, raise_error = False, None, False
+        if report.unstable:
+            if unstable_armed:
+                messages.append(self.unstable_message(step, report))
+                unstable_armed = False
+                warn_armed = False
+            if self.on_unstable == "stop":
+                stop = True
+            elif self.on_unstable == "raise":
+                raise_error = True
+            elif self.on_unstable == "adjust_lr" and math.isfinite(report.critical_lr):
+                new_lr = self.lr_safety * report.critical_lr
+                messages.append(
+                    f"torch-coherence: on_unstable='adjust_lr' lowered the learning rate from "
+                    f"{_fmt(report.lr)} to {_fmt(new_lr)} ({self.lr_safety:g} x the critical "
+                    f"{_fmt(report.critical_lr)}) at optimizer step {step}"
+                )
+        else:
+            unstable_armed = True
+        return tuple(messages), (warn_armed, unstable_armed), stop, new_lr, raise_error
+
+    # ------------------------------------------------------------------ messages
+    @staticmethod
+    def _fix(report: StabilityReport) -> str:
+        if math.isinf(report.critical_batch_size):
+            return (
+                f"lower it below {_fmt(report.critical_lr)} (no batch size helps: even "
+                "full-batch gradient descent diverges at this learning rate)"
+            )
+        return f"lower it or raise the batch size above {_fmt_b(report.critical_batch_size)}"
+
+    def unstable_message(self, step: int, report: StabilityReport) -> str:
+        """The warning at an upward crossing of margin 1 (numbers and the fix)."""
+        return (
+            f"torch-coherence (optimizer step {step}): learning rate {_fmt(report.lr)} is above "
+            f"the critical {_fmt(report.critical_lr)} for batch size {_fmt_b(report.batch_size)}"
+            f": {self._fix(report)}. Sharpness {_fmt(report.sharpness)}, sigma "
+            f"{_fmt(report.sigma)}, n = {report.n}, margin {report.margin:.2f}: the theory "
+            "guarantees mean-square divergence of the linearized dynamics."
+        )
+
+    def approaching_message(self, step: int, report: StabilityReport) -> str:
+        """The warning at an upward crossing of ``margin_warning``."""
+        return (
+            f"torch-coherence (optimizer step {step}): stability margin {report.margin:.2f} "
+            f"reached {self.margin_warning:g}: learning rate {_fmt(report.lr)} is close to the "
+            f"critical {_fmt(report.critical_lr)} for batch size {_fmt_b(report.batch_size)}, "
+            "above which the theory guarantees mean-square divergence of the linearized "
+            f"dynamics; to keep a safety margin, {self._fix(report)}."
+        )
+
+    # ------------------------------------------------------------------ commit
+    def commit(
+        self,
+        result: ProbeResult,
+        optimizer: Any = None,
+        warn: Callable[[str], None] | None = None,
+    ) -> None:
+        """Record a result: history, hysteresis, warnings, learning-rate change, raise.
+
+        Under DDP every rank commits the same (broadcast) result, so the state and the
+        actions stay consistent across ranks.
+
+        Args:
+            result: from :meth:`measure`.
+            optimizer: whose learning rate ``"adjust_lr"`` lowers.
+            warn: emits one warning message (default :func:`warnings.warn` with
+                :class:`CoherenceWarning`).
+        """
+        self.last_probe_step = result.step
+        self.armed = result.armed
+        if result.report is not None:
+            self.last_report = result.report
+        entry: dict[str, Any] = {"step": result.step, **result.metrics}
+        if result.error is not None:
+            entry["error"] = result.error
+        if result.messages:
+            entry["warnings"] = list(result.messages)
+        if result.report is not None:
+            entry["lr"] = result.report.lr
+            entry["batch_size"] = result.report.batch_size
+        self.history.append(entry)
+        emit = warn or _warn
+        for msg in result.messages:
+            emit(msg)
+        if result.new_lr is not None and optimizer is not None:
+            set_learning_rate(optimizer, result.new_lr)
+        if result.raise_error:
+            if result.error is not None:
+                raise CoherenceProbeError(result.error)
+            msg = result.messages[0] if result.messages else "unstable"
+            raise UnstableTrainingError(msg, result.report, result.step)
+
+    def run(
+        self,
+        model: nn.Module,
+        optimizer: Any,
+        batch_size: float,
+        warn: Callable[[str], None] | None = None,
+    ) -> ProbeResult:
+        """:meth:`measure` then :meth:`commit` (single process)."""
+        result = self.measure(model, optimizer, batch_size)
+        self.commit(result, optimizer, warn)
+        return result
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """History, step count and warning state (the probe batch is re-drawn from the seed)."""
+        return {
+            "steps": self.steps,
+            "last_probe_step": self.last_probe_step,
+            "armed": list(self.armed),
+            "history": [dict(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved, so that the curves continue."""
+        self.steps = int(state["steps"])
+        self.last_probe_step = int(state["last_probe_step"])
+        self.armed = (bool(state["armed"][0]), bool(state["armed"][1]))
+        self.history = [dict(h) for h in state["history"]]
+
+
+def set_learning_rate(optimizer: Any, lr: float) -> None:
+    """Scale every group's learning rate so that the largest becomes ``lr``."""
+    opt = _unwrap(optimizer)
+    top = max(float(g["lr"]) for g in opt.param_groups)
+    for group in opt.param_groups:
+        group["lr"] = float(group["lr"]) * lr / top if top > 0 else lr
+
+
+def sample_probe(dataset: Any, size: int, seed: int) -> tuple[Any, Any]:
+    """Draw ``size`` examples (all if fewer) without replacement, seeded, and collate them.
+
+    Uses its own generator: the global RNG is untouched.
+    """
+    n = len(dataset)
+    if n < 1:
+        raise ValueError("probe dataset is empty")
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(n, generator=gen)[: min(size, n)].sort().values
+    samples = [dataset[int(i)] for i in idx]
+    batch = torch.utils.data.default_collate(samples)
+    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
+        raise ValueError(
+            "probe dataset samples must be (input, target) pairs; pass explicit tensors as "
+            "probe=(inputs, targets) otherwise"
+        )
+    return _detach(batch[0]), _detach(batch[1])
+
+
+def _is_batch_like(x: Any) -> bool:
+    """Inputs of an explicit probe pair: a tensor or a dict of tensors."""
+    return isinstance(x, (torch.Tensor, dict))
+
+
+def _length(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0]) if x.dim() else 0
+    if isinstance(x, dict):
+        return _length(next(iter(x.values())))
+    if isinstance(x, (tuple, list)):
+        return _length(x[0])
+    return 0
+
+
+def _detach(x: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().clone()
+    if isinstance(x, dict):
+        return {k: _detach(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_detach(v) for v in x)
+    return x
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def _first_finite(*values: Any) -> float:
+    for v in values:
+        if v is not None and math.isfinite(float(v)):
+            return float(v)
+    return math.nan
+
+
+def _full_data_sigma(curv: Any) -> float:
+    """The engine's full-data sigma estimate when it extrapolated (n > m), else the probe's."""
+    for name in ("sigma_full", "full_sigma", "sigma_n", "extrapolated_sigma"):
+        value = getattr(curv, name, None)
+        if value is not None and math.isfinite(float(value)):
+            return float(value)
+    return float(curv.stats.sigma)
+
+
+def _mean_square_rate(curv: Any, lr: float, batch_size: float, n: int) -> float | None:
+    """rho(T) from :mod:`torch_coherence.dynamics` when it and the Gram are available."""
+    gram = getattr(curv, "gram", None)
+    if gram is None:
+        return None
+    try:
+        from .dynamics import mean_square_rate
+    except ImportError:
+        return None
+    value = mean_square_rate(gram, lr, batch_size, n=n)
+    value = float(getattr(value, "rate", value))
+    return value if math.isfinite(value) else None
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, CoherenceWarning, stacklevel=3)
+
+
+def as_sequence(x: Any) -> Sequence[Any]:
+    """``x`` as a list (helper for loggers given as one or many)."""
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
