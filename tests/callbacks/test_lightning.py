@@ -1,0 +1,203 @@
+"""CoherenceCallback in real Trainer.fit runs on CPU."""
+
+from __future__ import annotations
+
+import glob
+import warnings
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from callbacks.helpers import N_TRAIN, TinyClassifier, trainer_kwargs
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+from torch_coherence.callbacks import CoherenceCallback
+from torch_coherence.probe import TAGS, CoherenceProbe, CoherenceWarning
+
+pytestmark = pytest.mark.usefixtures("quiet_lightning")
+
+LOGGED = [t for t in TAGS if t not in ("sharpness/hessian", "stability/mean_square_rate")]
+
+
+def _fit(tmp_path, model, callbacks, **kw):
+    pl.seed_everything(0, workers=True)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, callbacks=callbacks, **kw))
+    trainer.fit(model)
+    return trainer
+
+
+def test_fit_logs_tags_to_tensorboard(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cb = CoherenceCallback(every_n_steps=2, probe_size=16)
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    _fit(tmp_path, TinyClassifier(), [cb], logger=logger, max_epochs=2, max_steps=-1)
+    assert [h["step"] for h in cb.history] == [2, 4, 6, 8, 10, 12]
+    assert cb.history[0]["batch_size"] == 16.0
+    (event_file,) = glob.glob(str(tmp_path / "tb" / "version_0" / "events.*"))
+    acc = EventAccumulator(event_file, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert set(LOGGED) <= scalars
+    steps = [e.step for e in acc.Scalars("coherence/sigma")]
+    assert steps == [2, 4, 6, 8, 10, 12]
+    assert "coherence/phase_plane" in acc.Tags()["images"]
+    assert len(acc.Images("coherence/phase_plane")) == 2  # one per epoch
+    assert "custom_scalars__config__" in acc.Tags()["tensors"]
+
+
+def test_warns_above_critical_lr_not_at_half(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = TinyClassifier(norm=False)
+    ref = CoherenceProbe(loss=model.loss_fn, probe=model.data, probe_size=16, dataset_size=N_TRAIN)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    critical = ref.measure(model, opt, 16).report.critical_lr
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def fit_at(lr: float) -> list[str]:
+        m = TinyClassifier(lr=lr, norm=False)
+        m.load_state_dict(state)
+        cb = CoherenceCallback(every_n_steps=1, probe_size=16, margin_warning=None)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            _fit(tmp_path, m, [cb], max_steps=1)
+        return [str(w.message) for w in rec if issubclass(w.category, CoherenceWarning)]
+
+    assert fit_at(0.5 * critical) == []
+    above = fit_at(2.0 * critical)
+    assert len(above) == 1 and "is above the critical" in above[0]
+    assert "mean-square divergence of the linearized dynamics" in above[0]
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_weights_bit_identical_with_and_without_callback(tmp_path, accumulate) -> None:
+    kw = dict(max_steps=4, accumulate_grad_batches=accumulate)
+    torch.manual_seed(0)
+    plain = TinyClassifier()
+    init = _weights(plain)
+    _fit(tmp_path, plain, [], **kw)
+    probed = TinyClassifier()
+    probed.load_state_dict(init)
+    cb = CoherenceCallback(every_n_steps=1, probe_size=16, sharpness="both")
+    _fit(tmp_path, probed, [cb], **kw)
+    assert len(cb.history) == 4 and "error" not in cb.history[0]
+    assert cb.history[0]["batch_size"] == 16.0 * accumulate
+    a, b = _weights(plain), _weights(probed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_failing_probe_warns_and_training_continues(tmp_path) -> None:
+    cb = CoherenceCallback(every_n_steps=2, probe_size=16)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CPU out of memory (simulated)")
+
+    cb.probe._engine = broken
+    with pytest.warns(CoherenceWarning, match="failed.*out of memory.*training continues"):
+        trainer = _fit(tmp_path, TinyClassifier(), [cb], max_steps=4)
+    assert trainer.global_step == 4 and len(cb.history) == 2
+
+
+def test_stop_sets_should_stop(tmp_path) -> None:
+    cb = CoherenceCallback(every_n_steps=1, probe_size=16, on_unstable="stop")
+    with pytest.warns(CoherenceWarning, match="above the critical"):
+        trainer = _fit(tmp_path, TinyClassifier(lr=50.0, norm=False), [cb], max_steps=6)
+    assert trainer.global_step < 6
+
+
+def test_resume_continues_history(tmp_path) -> None:
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    cb = CoherenceCallback(every_n_steps=2, probe_size=16)
+    kw = dict(enable_checkpointing=True, max_epochs=1, max_steps=-1)
+    _fit(tmp_path, TinyClassifier(), [cb, ckpt], **kw)
+    assert [h["step"] for h in cb.history] == [2, 4, 6]
+    cb2 = CoherenceCallback(every_n_steps=2, probe_size=16)
+    pl.seed_everything(0)
+    trainer = pl.Trainer(
+        **trainer_kwargs(
+            tmp_path, callbacks=[cb2, ckpt], enable_checkpointing=True, max_epochs=2, max_steps=-1
+        )
+    )
+    trainer.fit(TinyClassifier(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert [h["step"] for h in cb2.history] == [2, 4, 6, 8, 10, 12]
+    assert cb2.history[:3] == cb.history
+
+
+def test_csv_logger_gets_metrics_at_optimizer_steps(tmp_path) -> None:
+    import csv
+
+    cb = CoherenceCallback(every_n_steps=3, probe_size=16)
+    logger = CSVLogger(str(tmp_path), name="csv", version=0)
+    _fit(tmp_path, TinyClassifier(), [cb], logger=logger, max_steps=6)
+    rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
+    probed = [r for r in rows if r.get("coherence/sigma")]
+    assert [int(r["step"]) for r in probed] == [3, 6]
+
+
+def test_loss_required_when_module_has_none(tmp_path) -> None:
+    model = TinyClassifier()
+    del model.loss_fn
+    model.criterion = None
+
+    class NoLoss(TinyClassifier):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(self(x), y)
+
+    m = NoLoss()
+    del m.loss_fn
+    with pytest.raises(ValueError, match="loss_fn"):
+        _fit(tmp_path, m, [CoherenceCallback(every_n_steps=1)], max_steps=1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"probe_size": 0}, "probe_size"),
+        ({"on_unstable": "panic"}, "on_unstable"),
+        ({"margin_warning": 0}, "margin_warning"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"dataset_size": 0}, "dataset_size"),
+        ({"log_figures": "yes"}, "log_figures"),
+    ],
+)
+def test_invalid_arguments(kwargs, name) -> None:
+    with pytest.raises(ValueError, match=name):
+        CoherenceCallback(**kwargs)
+
+
+def test_works_with_lightning_pytorch_trainer(tmp_path) -> None:
+    L = pytest.importorskip("lightning.pytorch")
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = TinyClassifier()
+            self.loss_fn = self.inner.loss_fn
+
+        def forward(self, x):
+            return self.inner(x)
+
+        def training_step(self, batch, batch_idx):
+            return self.inner.training_step(batch, batch_idx)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+        def train_dataloader(self):
+            return self.inner.train_dataloader()
+
+    cb = CoherenceCallback(every_n_steps=2, probe_size=16)
+    logger = L.loggers.TensorBoardLogger(str(tmp_path), name="tb")
+    trainer = L.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=logger, max_steps=4))
+    trainer.fit(Module())
+    assert [h["step"] for h in cb.history] == [2, 4]

@@ -1,0 +1,158 @@
+"""Coherence monitoring for plain PyTorch training loops.
+
+::
+
+    monitor = CoherenceMonitor(model, nn.CrossEntropyLoss(), probe=train_set, writer=writer)
+    for x, y in loader:
+        opt.zero_grad()
+        loss_fn(model(x), y).backward()
+        opt.step()
+        monitor.step(opt, batch_size=x.shape[0])
+        if monitor.should_stop:
+            break
+
+All the work is done by the shared :class:`~torch_coherence.probe.CoherenceProbe`; this
+class only counts the caller's steps and writes to an optional ``SummaryWriter``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from .callbacks._tensorboard import add_layout, add_phase_plane, add_scalars, add_warnings
+from .probe import CoherenceProbe, ProbeResult
+
+__all__ = ["CoherenceMonitor"]
+
+
+class CoherenceMonitor:
+    """Probe coherence, sharpness and stability margins every ``every_n_steps`` steps.
+
+    Args:
+        model: the network being trained.
+        loss: the training loss (e.g. ``nn.CrossEntropyLoss()``).
+        probe: ``(inputs, targets)`` tensors, a dataset or a data loader (see
+            :class:`~torch_coherence.probe.CoherenceProbe`).
+        dataset_size: n, the training-set size; default ``len(probe)`` for a dataset or
+            loader (explicit tensors need it).
+        writer: optional :class:`torch.utils.tensorboard.SummaryWriter`: scalars, the
+            custom-scalars layout, warnings as text and (:meth:`log_figure`) the phase plane.
+        every_n_steps, probe_size, on_unstable, margin_warning, lr_safety, sharpness, seed,
+            mean_square_rate, forward_fn, engine_kwargs: as for
+            :class:`~torch_coherence.probe.CoherenceProbe`.
+
+    Attributes:
+        should_stop: set when ``on_unstable="stop"`` and the margin crossed 1.
+        probe: the shared probe object (history, last report, state).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: Any,
+        probe: Any,
+        dataset_size: int | None = None,
+        *,
+        writer: Any = None,
+        every_n_steps: int = 100,
+        probe_size: int = 64,
+        on_unstable: str = "warn",
+        margin_warning: float | None = 0.8,
+        lr_safety: float = 0.5,
+        sharpness: str | None = None,
+        seed: int = 0,
+        mean_square_rate: bool = False,
+        forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        engine_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if loss is None:
+            raise ValueError("loss is required (e.g. torch.nn.CrossEntropyLoss())")
+        if probe is None:
+            raise ValueError("probe is required: (inputs, targets) tensors, a dataset or loader")
+        if dataset_size is None:
+            dataset = getattr(probe, "dataset", probe)
+            if isinstance(probe, (tuple, list)) or not hasattr(dataset, "__len__"):
+                raise ValueError("dataset_size is required when probe is given as tensors")
+            dataset_size = len(dataset)
+        self.model = model
+        self.writer = writer
+        self.should_stop = False
+        self.probe = CoherenceProbe(
+            loss=loss,
+            probe=probe,
+            probe_size=probe_size,
+            dataset_size=dataset_size,
+            every_n_steps=every_n_steps,
+            on_unstable=on_unstable,
+            margin_warning=margin_warning,
+            lr_safety=lr_safety,
+            sharpness=sharpness,
+            seed=seed,
+            mean_square_rate=mean_square_rate,
+            forward_fn=forward_fn,
+            engine_kwargs=engine_kwargs,
+        )
+        self._layout_written = False
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One entry per probe: the step, the metrics, ``lr``, ``batch_size``, warnings."""
+        return self.probe.history
+
+    def step(self, optimizer: torch.optim.Optimizer, batch_size: float) -> ProbeResult | None:
+        """Count one optimizer step; probe, log, warn and act when a probe is due.
+
+        Call it after ``optimizer.step()``.
+
+        Args:
+            optimizer: the optimizer (learning rate, momentum, weight decay, SAM's rho).
+            batch_size: examples per optimizer step.
+
+        Returns:
+            The probe's result when one ran, else ``None``.
+        """
+        self.probe.steps += 1
+        if not self.probe.due():
+            return None
+        return self.run(optimizer, batch_size)
+
+    def run(self, optimizer: torch.optim.Optimizer, batch_size: float) -> ProbeResult:
+        """Probe now, whatever the schedule says."""
+        result = self.probe.measure(self.model, optimizer, batch_size)
+        try:
+            self.probe.commit(result, optimizer)
+        finally:
+            self._log(result)
+        self.should_stop = self.should_stop or result.stop
+        return result
+
+    def _log(self, result: ProbeResult) -> None:
+        if self.writer is None:
+            return
+        if not self._layout_written:
+            add_layout(self.writer)
+            self._layout_written = True
+        add_scalars(self.writer, result.metrics, result.step)
+        add_warnings(self.writer, result.messages, result.step)
+
+    def log_figure(self) -> None:
+        """Write the (B, eta) phase-plane figure of the history so far to the writer."""
+        if self.writer is not None:
+            add_phase_plane(
+                self.writer, self.probe.history, self.probe.last_report, self.probe.steps
+            )
+
+    def state_dict(self) -> dict[str, Any]:
+        """History, step count and warning state."""
+        return {**self.probe.state_dict(), "should_stop": self.should_stop}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` so the curves continue after a resume."""
+        self.probe.load_state_dict(state)
+        self.should_stop = bool(state.get("should_stop", False))
