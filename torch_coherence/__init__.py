@@ -17,6 +17,10 @@ from .coherence import (
     coherence_from_gram,
     coherence_from_hessians,
 )
+
+# integrations
+from .monitor import CoherenceMonitor
+from .probe import CoherenceProbe, CoherenceProbeError, CoherenceWarning, UnstableTrainingError
 from .theory import (
     StabilityReport,
     critical_batch_size,
@@ -46,4 +50,10 @@ __all__ = [
     "stability_report",
     "theorem1_threshold",
     "theorem2_bound",
+    # integrations
+    "CoherenceMonitor",
+    "CoherenceProbe",
+    "CoherenceProbeError",
+    "CoherenceWarning",
+    "UnstableTrainingError",
 ]

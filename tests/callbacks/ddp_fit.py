@@ -1,0 +1,50 @@
+"""Script for the 2-process DDP test: ``python ddp_fit.py OUTDIR`` (Lightning relaunches it).
+
+Trains TinyClassifier with ``strategy="ddp"`` on CPU (gloo) with the callback and writes,
+per rank, the callback history; rank zero also writes the final weights and the timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytorch_lightning as pl
+import torch
+from callbacks.helpers import TinyClassifier, trainer_kwargs
+from pytorch_lightning.loggers import CSVLogger
+
+from torch_coherence.callbacks import CoherenceCallback
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    pl.seed_everything(0)
+    if os.environ.get("TC_FAKE_ENGINE"):  # TEMPORARY until the engine lands
+        import callbacks.conftest as c
+
+        import torch_coherence.probe as probe
+
+        probe._default_engine = c.fake_measure_curvature
+    cb = CoherenceCallback(every_n_steps=3, probe_size=32)
+    logger = CSVLogger(str(out), name="csv", version=0)
+    kw = trainer_kwargs(out, callbacks=[cb], logger=logger, max_steps=6)
+    kw.update(strategy="ddp", devices=2, deterministic=False)
+    trainer = pl.Trainer(**kw)
+    start = time.perf_counter()
+    trainer.fit(TinyClassifier(batch_size=8))
+    seconds = time.perf_counter() - start
+    rank = trainer.global_rank
+    (out / f"history_{rank}.json").write_text(json.dumps(cb.history))
+    if rank == 0:
+        torch.save(trainer.lightning_module.state_dict(), out / "weights.pt")
+        (out / "timing.json").write_text(json.dumps({"fit_seconds": seconds}))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
