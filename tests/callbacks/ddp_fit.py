@@ -26,11 +26,11 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0)
     if os.environ.get("TC_FAKE_ENGINE"):  # TEMPORARY until the engine lands
-        import callbacks.conftest as c
+        from callbacks.helpers import fake_measure_curvature
 
         import torch_coherence.probe as probe
 
-        probe._default_engine = c.fake_measure_curvature
+        probe._default_engine = fake_measure_curvature
     cb = CoherenceCallback(every_n_steps=3, probe_size=32)
     logger = CSVLogger(str(out), name="csv", version=0)
     kw = trainer_kwargs(out, callbacks=[cb], logger=logger, max_steps=6)
