@@ -66,7 +66,7 @@ def main(epochs: int = 5) -> None:
     for name, rho in (("sgd", None), ("sam", 0.05)):
         pl.seed_everything(0)
         model = Classifier(sam_rho=rho)
-        cb = CoherenceCallback(every_n_steps=20, probe_size=256)
+        cb = CoherenceCallback(max_overhead=None, every_n_steps=20, probe_size=256)
         trainer = pl.Trainer(
             max_epochs=epochs,
             accelerator="cpu",

@@ -46,7 +46,7 @@ def train(name: str, d: int, h: int, x, y, epochs: int, seed: int) -> list[dict]
         opt = torch.optim.SGD(model.parameters(), lr=lr)
     n = x.shape[0]
     monitor = CoherenceMonitor(
-        model, loss_fn, (x, y), n, every_n_steps=n // batch, margin_warning=None
+        model, loss_fn, (x, y), n, every_n_steps=n // batch, max_overhead=None, margin_warning=None
     )
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):

@@ -68,7 +68,13 @@ def test_plain_loop_logs_to_summary_writer(tmp_path) -> None:
     model = _model()
     writer = SummaryWriter(str(tmp_path))
     monitor = CoherenceMonitor(
-        model, nn.CrossEntropyLoss(), _data(), writer=writer, every_n_steps=3, probe_size=16
+        model,
+        nn.CrossEntropyLoss(),
+        _data(),
+        writer=writer,
+        max_overhead=None,
+        every_n_steps=3,
+        probe_size=16,
     )
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     _train(model, opt, monitor, steps=9)
@@ -88,7 +94,9 @@ def test_monitor_with_sam_reads_rho_and_weights_unchanged() -> None:
     m1, m2 = _model(), _model()
     o1 = SAM(m1.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
     o2 = SAM(m2.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
-    monitor = CoherenceMonitor(m2, nn.CrossEntropyLoss(), _data(), every_n_steps=2, probe_size=16)
+    monitor = CoherenceMonitor(
+        m2, nn.CrossEntropyLoss(), _data(), max_overhead=None, every_n_steps=2, probe_size=16
+    )
     torch.manual_seed(1)
     _train(m1, o1, None, steps=4, sam=True)
     torch.manual_seed(1)
@@ -101,7 +109,13 @@ def test_monitor_with_sam_reads_rho_and_weights_unchanged() -> None:
 def test_stop_and_state_dict() -> None:
     model = _model()
     monitor = CoherenceMonitor(
-        model, nn.CrossEntropyLoss(), _data(), every_n_steps=1, probe_size=16, on_unstable="stop"
+        model,
+        nn.CrossEntropyLoss(),
+        _data(),
+        max_overhead=None,
+        every_n_steps=1,
+        probe_size=16,
+        on_unstable="stop",
     )
     opt = torch.optim.SGD(model.parameters(), lr=500.0)
     with pytest.warns(CoherenceWarning, match="above the critical"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from types import SimpleNamespace
 
@@ -52,6 +53,7 @@ class ScriptedEngine:
 def _probe(engine: ScriptedEngine, **kw) -> CoherenceProbe:
     data = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
     kw.setdefault("every_n_steps", 1)
+    kw.setdefault("max_overhead", None)
     return CoherenceProbe(
         loss=nn.CrossEntropyLoss(), probe=data, dataset_size=N, engine=engine, **kw
     )
@@ -101,7 +103,7 @@ def test_hysteresis_warns_once_per_crossing() -> None:
     seen = []
     for factor in (0.5, 0.9, 0.95, 1.2, 1.3, 0.9, 1.4, 0.5, 0.85):
         opt.param_groups[0]["lr"] = factor * _crit()
-        probe.steps += 1
+        probe.count_step()
         res = probe.run(model, opt, B, warn=seen.append)
         assert len(res.messages) <= 1
     kinds = ["above the critical" in m for m in seen]
@@ -184,7 +186,7 @@ def test_state_dict_round_trip() -> None:
     opt = _opt(1.5 * _crit())
     with pytest.warns(CoherenceWarning):
         for _ in range(3):
-            probe.steps += 1
+            probe.count_step()
             probe.run(nn.Linear(3, 2), opt, B)
     state = probe.state_dict()
     fresh = _probe(ScriptedEngine())
@@ -212,6 +214,7 @@ def test_probe_batch_is_seeded_and_leaves_global_rng() -> None:
     ("kwargs", "name"),
     [
         ({"every_n_steps": 0}, "every_n_steps"),
+        ({"max_overhead": 0.0}, "max_overhead"),
         ({"probe_size": 1}, "probe_size"),
         ({"dataset_size": -3}, "dataset_size"),
         ({"on_unstable": "explode"}, "on_unstable"),
@@ -226,3 +229,24 @@ def test_probe_batch_is_seeded_and_leaves_global_rng() -> None:
 def test_invalid_arguments_named(kwargs: dict, name: str) -> None:
     with pytest.raises(ValueError, match=name):
         CoherenceProbe(**kwargs)
+
+
+def test_time_budget_stretches_the_interval() -> None:
+    class SlowEngine(ScriptedEngine):
+        def __call__(self, *args, **kwargs):
+            time.sleep(0.05)
+            return super().__call__(*args, **kwargs)
+
+    model, opt = nn.Linear(3, 2), _opt(0.01)
+    fixed = _probe(SlowEngine(), every_n_steps=2)
+    budget = _probe(SlowEngine(), every_n_steps=2, max_overhead=0.1)
+    for probe in (fixed, budget):
+        for _ in range(2):
+            probe.count_step()
+            time.sleep(0.002)
+        assert probe.due()
+        probe.run(model, opt, B)
+    assert fixed.next_probe_step == 4
+    # ~0.1 s of probing needs ~1 s of training at ~2 ms per step: hundreds of steps
+    assert budget.next_probe_step > 100
+    assert budget.state_dict()["next_probe_step"] == budget.next_probe_step

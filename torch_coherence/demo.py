@@ -74,7 +74,7 @@ def _fit(
     from .callbacks import CoherenceCallback
     from .probe import CoherenceWarning
 
-    cb = CoherenceCallback(every_n_steps=args.every, probe_size=args.probe_size)
+    cb = CoherenceCallback(max_overhead=None, every_n_steps=args.every, probe_size=args.probe_size)
     logger = TensorBoardLogger(str(args.out), name="demo", version=name)
     trainer = pl.Trainer(
         accelerator="cpu",

@@ -41,8 +41,8 @@ class CoherenceMonitor:
             loader (explicit tensors need it).
         writer: optional :class:`torch.utils.tensorboard.SummaryWriter`: scalars, the
             custom-scalars layout, warnings as text and (:meth:`log_figure`) the phase plane.
-        every_n_steps, probe_size, on_unstable, margin_warning, lr_safety, sharpness, seed,
-            mean_square_rate, forward_fn, engine_kwargs: as for
+        every_n_steps, max_overhead, probe_size, on_unstable, margin_warning, lr_safety,
+            sharpness, seed, mean_square_rate, forward_fn, engine_kwargs: as for
             :class:`~torch_coherence.probe.CoherenceProbe`.
 
     Attributes:
@@ -59,6 +59,7 @@ class CoherenceMonitor:
         *,
         writer: Any = None,
         every_n_steps: int = 100,
+        max_overhead: float | None = 0.03,
         probe_size: int = 64,
         on_unstable: str = "warn",
         margin_warning: float | None = 0.8,
@@ -89,6 +90,7 @@ class CoherenceMonitor:
             probe_size=probe_size,
             dataset_size=dataset_size,
             every_n_steps=every_n_steps,
+            max_overhead=max_overhead,
             on_unstable=on_unstable,
             margin_warning=margin_warning,
             lr_safety=lr_safety,
@@ -117,7 +119,7 @@ class CoherenceMonitor:
         Returns:
             The probe's result when one ran, else ``None``.
         """
-        self.probe.steps += 1
+        self.probe.count_step()
         if not self.probe.due():
             return None
         return self.run(optimizer, batch_size)

@@ -3,7 +3,9 @@
 :class:`CoherenceProbe` owns everything the two integrations have in common:
 
 * the schedule: a count of optimizer steps actually taken (observed through a step hook on
-  the optimizer, or counted by the caller), not a trainer's batch or ``global_step`` counter;
+  the optimizer, or counted by the caller), not a trainer's batch or ``global_step`` counter,
+  with an optional time budget (``max_overhead``) that stretches the interval so that the
+  probe takes at most that fraction of the training time;
 * the probe batch: fixed and seeded, from explicit tensors, a dataset or a data loader;
 * the call into the curvature engine (:func:`torch_coherence.measure_curvature`), with the
   model's parameters, buffers, gradients, RNG and train/eval modes restored afterwards;
@@ -105,6 +107,7 @@ class ProbeResult:
         stop: whether training should stop.
         new_lr: the learning rate set by ``on_unstable="adjust_lr"``, else ``None``.
         raise_error: whether :meth:`CoherenceProbe.commit` raises.
+        next_step: the optimizer-step count at which the next probe is due.
     """
 
     step: int
@@ -116,6 +119,7 @@ class ProbeResult:
     stop: bool = False
     new_lr: float | None = None
     raise_error: bool = False
+    next_step: int = 0
 
 
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
@@ -214,7 +218,12 @@ class CoherenceProbe:
         probe_size: number of examples drawn (seeded, without replacement) from a dataset or
             loader; explicit tensors are used whole.
         dataset_size: n, the size of the training set the numbers refer to; may be set later.
-        every_n_steps: probe every this many optimizer steps.
+        every_n_steps: probe every this many optimizer steps (at least; see ``max_overhead``).
+        max_overhead: time budget: after each probe the next one is postponed (beyond
+            ``every_n_steps``) until the probes' total wall time, the next one included at
+            the last one's cost, is at most this fraction of the training time measured
+            since the first step. ``None``: a fixed schedule every ``every_n_steps`` steps.
+            The first probe always runs at step ``every_n_steps``.
         on_unstable: ``"warn"``, ``"raise"`` (:class:`UnstableTrainingError`; a failing probe
             raises :class:`CoherenceProbeError`), ``"stop"`` or ``"adjust_lr"``.
         margin_warning: warn once when the margin first reaches this value (0 < x < 1);
@@ -243,6 +252,7 @@ class CoherenceProbe:
         probe_size: int = 64,
         dataset_size: int | None = None,
         every_n_steps: int = 100,
+        max_overhead: float | None = 0.03,
         on_unstable: str = "warn",
         margin_warning: float | None = 0.8,
         lr_safety: float = 0.5,
@@ -254,6 +264,9 @@ class CoherenceProbe:
         engine: Callable[..., Any] | None = None,
     ) -> None:
         self.every_n_steps = _check_int("every_n_steps", every_n_steps, 1)
+        if max_overhead is not None:
+            _check_fraction("max_overhead", max_overhead, upper_open=True)
+        self.max_overhead = max_overhead
         self.probe_size = _check_int("probe_size", probe_size, 2)
         if dataset_size is not None:
             _check_int("dataset_size", dataset_size, 1)
@@ -285,6 +298,10 @@ class CoherenceProbe:
         self._device_batch: tuple[Any, Any, torch.device] | None = None
         self.steps = 0
         self.last_probe_step = 0
+        self.next_probe_step = self.every_n_steps
+        self.probe_seconds = 0.0
+        self._t0: float | None = None
+        self._t0_steps = 0
         self.armed = (True, True)
         self.history: list[dict[str, Any]] = []
         self.last_curvature: Any = None
@@ -346,11 +363,28 @@ class CoherenceProbe:
             self._hook = None
 
     def _on_step(self, *_: Any) -> None:
+        self.count_step()
+
+    def count_step(self) -> None:
+        """Count one optimizer step (the hook of :meth:`attach` calls this)."""
+        if self._t0 is None:
+            self._t0, self._t0_steps = time.perf_counter(), self.steps
         self.steps += 1
 
     def due(self) -> bool:
-        """Whether a probe is due: the step count reached a new multiple of every_n_steps."""
-        return self.steps // self.every_n_steps > self.last_probe_step // self.every_n_steps
+        """Whether the step count has reached the next scheduled probe."""
+        return self.steps >= self.next_probe_step
+
+    def _next_step(self, step: int, cost: float) -> int:
+        """Where the next probe goes: the fixed grid, stretched by the time budget."""
+        fixed = (step // self.every_n_steps + 1) * self.every_n_steps
+        if self.max_overhead is None or self._t0 is None:
+            return fixed
+        train = time.perf_counter() - self._t0 - self.probe_seconds
+        steps = max(step - self._t0_steps, 1)
+        per_step = max(train, 1e-9) / steps
+        needed = (self.probe_seconds + cost) / self.max_overhead - train
+        return max(fixed, step + math.ceil(max(needed, 0.0) / per_step))
 
     # ------------------------------------------------------------------ measurement
     def measure(self, model: nn.Module, optimizer: Any, batch_size: float) -> ProbeResult:
@@ -377,8 +411,12 @@ class CoherenceProbe:
             hyper = effective_optimizer_params(optimizer)
             report, metrics = self._measure(model, hyper, batch_size)
         except Exception as err:  # any failure of a diagnostic is reported
-            return self._failed(step, err)
-        metrics["probe/seconds"] = time.perf_counter() - start
+            cost = time.perf_counter() - start
+            self.probe_seconds += cost
+            return self._failed(step, err, self._next_step(step, cost))
+        cost = time.perf_counter() - start
+        self.probe_seconds += cost
+        metrics["probe/seconds"] = cost
         messages, armed, stop, new_lr, raise_error = self._decide(step, report, hyper)
         return ProbeResult(
             step=step,
@@ -389,6 +427,7 @@ class CoherenceProbe:
             stop=stop,
             new_lr=new_lr,
             raise_error=raise_error,
+            next_step=self._next_step(step, cost),
         )
 
     def _measure(
@@ -456,13 +495,18 @@ class CoherenceProbe:
             metrics["noise/gradient_noise_scale"] = float(gns)
         return report, metrics
 
-    def _failed(self, step: int, err: BaseException) -> ProbeResult:
+    def _failed(self, step: int, err: BaseException, next_step: int) -> ProbeResult:
         what = f"{type(err).__name__}: {err}".splitlines()[0][:300]
         raising = self.on_unstable == "raise"
         tail = "" if raising else "; training continues"
         msg = f"torch-coherence: the coherence probe at optimizer step {step} failed ({what}){tail}"
         return ProbeResult(
-            step=step, error=msg, messages=(msg,), armed=self.armed, raise_error=raising
+            step=step,
+            error=msg,
+            messages=(msg,),
+            armed=self.armed,
+            raise_error=raising,
+            next_step=next_step,
         )
 
     def _decide(
@@ -548,6 +592,7 @@ class CoherenceProbe:
                 :class:`CoherenceWarning`).
         """
         self.last_probe_step = result.step
+        self.next_probe_step = max(result.next_step, result.step + 1)
         self.armed = result.armed
         if result.report is not None:
             self.last_report = result.report
@@ -589,6 +634,7 @@ class CoherenceProbe:
         return {
             "steps": self.steps,
             "last_probe_step": self.last_probe_step,
+            "next_probe_step": self.next_probe_step,
             "armed": list(self.armed),
             "history": [dict(h) for h in self.history],
         }
@@ -597,6 +643,7 @@ class CoherenceProbe:
         """Restore what :meth:`state_dict` saved, so that the curves continue."""
         self.steps = int(state["steps"])
         self.last_probe_step = int(state["last_probe_step"])
+        self.next_probe_step = int(state.get("next_probe_step", self.steps + 1))
         self.armed = (bool(state["armed"][0]), bool(state["armed"][1]))
         self.history = [dict(h) for h in state["history"]]
 

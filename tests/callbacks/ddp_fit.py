@@ -31,7 +31,7 @@ def main(out: Path) -> None:
         import torch_coherence.probe as probe
 
         probe._default_engine = fake_measure_curvature
-    cb = CoherenceCallback(every_n_steps=3, probe_size=32)
+    cb = CoherenceCallback(max_overhead=None, every_n_steps=3, probe_size=32)
     logger = CSVLogger(str(out), name="csv", version=0)
     kw = trainer_kwargs(out, callbacks=[cb], logger=logger, max_steps=6)
     kw.update(strategy="ddp", devices=2, deterministic=False)

@@ -29,7 +29,7 @@ def _fit(tmp_path, model, callbacks, **kw):
 def test_fit_logs_tags_to_tensorboard(tmp_path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cb = CoherenceCallback(every_n_steps=2, probe_size=16)
+    cb = CoherenceCallback(max_overhead=None, every_n_steps=2, probe_size=16)
     logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
     _fit(tmp_path, TinyClassifier(), [cb], logger=logger, max_epochs=2, max_steps=-1)
     assert [h["step"] for h in cb.history] == [2, 4, 6, 8, 10, 12]
@@ -57,7 +57,9 @@ def test_warns_above_critical_lr_not_at_half(tmp_path) -> None:
     def fit_at(lr: float) -> list[str]:
         m = TinyClassifier(lr=lr, norm=False)
         m.load_state_dict(state)
-        cb = CoherenceCallback(every_n_steps=1, probe_size=16, margin_warning=None)
+        cb = CoherenceCallback(
+            max_overhead=None, every_n_steps=1, probe_size=16, margin_warning=None
+        )
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
             _fit(tmp_path, m, [cb], max_steps=1)
@@ -82,7 +84,7 @@ def test_weights_bit_identical_with_and_without_callback(tmp_path, accumulate) -
     _fit(tmp_path, plain, [], **kw)
     probed = TinyClassifier()
     probed.load_state_dict(init)
-    cb = CoherenceCallback(every_n_steps=1, probe_size=16, sharpness="both")
+    cb = CoherenceCallback(max_overhead=None, every_n_steps=1, probe_size=16, sharpness="both")
     _fit(tmp_path, probed, [cb], **kw)
     assert len(cb.history) == 4 and "error" not in cb.history[0]
     assert cb.history[0]["batch_size"] == 16.0 * accumulate
@@ -93,7 +95,7 @@ def test_weights_bit_identical_with_and_without_callback(tmp_path, accumulate) -
 
 
 def test_failing_probe_warns_and_training_continues(tmp_path) -> None:
-    cb = CoherenceCallback(every_n_steps=2, probe_size=16)
+    cb = CoherenceCallback(max_overhead=None, every_n_steps=2, probe_size=16)
 
     def broken(*args, **kwargs):
         raise RuntimeError("CPU out of memory (simulated)")
@@ -105,7 +107,7 @@ def test_failing_probe_warns_and_training_continues(tmp_path) -> None:
 
 
 def test_stop_sets_should_stop(tmp_path) -> None:
-    cb = CoherenceCallback(every_n_steps=1, probe_size=16, on_unstable="stop")
+    cb = CoherenceCallback(max_overhead=None, every_n_steps=1, probe_size=16, on_unstable="stop")
     with pytest.warns(CoherenceWarning, match="above the critical"):
         trainer = _fit(tmp_path, TinyClassifier(lr=50.0, norm=False), [cb], max_steps=6)
     assert trainer.global_step < 6
@@ -115,11 +117,11 @@ def test_resume_continues_history(tmp_path) -> None:
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
-    cb = CoherenceCallback(every_n_steps=2, probe_size=16)
+    cb = CoherenceCallback(max_overhead=None, every_n_steps=2, probe_size=16)
     kw = dict(enable_checkpointing=True, max_epochs=1, max_steps=-1)
     _fit(tmp_path, TinyClassifier(), [cb, ckpt], **kw)
     assert [h["step"] for h in cb.history] == [2, 4, 6]
-    cb2 = CoherenceCallback(every_n_steps=2, probe_size=16)
+    cb2 = CoherenceCallback(max_overhead=None, every_n_steps=2, probe_size=16)
     pl.seed_everything(0)
     trainer = pl.Trainer(
         **trainer_kwargs(
@@ -134,7 +136,7 @@ def test_resume_continues_history(tmp_path) -> None:
 def test_csv_logger_gets_metrics_at_optimizer_steps(tmp_path) -> None:
     import csv
 
-    cb = CoherenceCallback(every_n_steps=3, probe_size=16)
+    cb = CoherenceCallback(max_overhead=None, every_n_steps=3, probe_size=16)
     logger = CSVLogger(str(tmp_path), name="csv", version=0)
     _fit(tmp_path, TinyClassifier(), [cb], logger=logger, max_steps=6)
     rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
@@ -155,7 +157,7 @@ def test_loss_required_when_module_has_none(tmp_path) -> None:
     m = NoLoss()
     del m.loss_fn
     with pytest.raises(ValueError, match="loss_fn"):
-        _fit(tmp_path, m, [CoherenceCallback(every_n_steps=1)], max_steps=1)
+        _fit(tmp_path, m, [CoherenceCallback(max_overhead=None, every_n_steps=1)], max_steps=1)
 
 
 @pytest.mark.parametrize(
@@ -172,7 +174,7 @@ def test_loss_required_when_module_has_none(tmp_path) -> None:
 )
 def test_invalid_arguments(kwargs, name) -> None:
     with pytest.raises(ValueError, match=name):
-        CoherenceCallback(**kwargs)
+        CoherenceCallback(max_overhead=None, **kwargs)
 
 
 def test_works_with_lightning_pytorch_trainer(tmp_path) -> None:
@@ -196,7 +198,7 @@ def test_works_with_lightning_pytorch_trainer(tmp_path) -> None:
         def train_dataloader(self):
             return self.inner.train_dataloader()
 
-    cb = CoherenceCallback(every_n_steps=2, probe_size=16)
+    cb = CoherenceCallback(max_overhead=None, every_n_steps=2, probe_size=16)
     logger = L.loggers.TensorBoardLogger(str(tmp_path), name="tb")
     trainer = L.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=logger, max_steps=4))
     trainer.fit(Module())

@@ -29,7 +29,7 @@ def _free_port() -> int:
 def test_tensorboard_server_lists_coherence_tags(tmp_path) -> None:
     pl.seed_everything(0)
     logger = TensorBoardLogger(str(tmp_path / "runs"), name="demo")
-    cb = CoherenceCallback(every_n_steps=2, probe_size=16)
+    cb = CoherenceCallback(max_overhead=None, every_n_steps=2, probe_size=16)
     pl.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=logger, max_steps=4)).fit(
         TinyClassifier()
     )

@@ -50,7 +50,10 @@ class CoherenceCallback(pl.Callback):
     divergence of the linearized dynamics).
 
     Args:
-        every_n_steps: probe every this many optimizer steps.
+        every_n_steps: probe every this many optimizer steps (the first probe runs there).
+        max_overhead: stretch the interval so that probing takes at most this fraction of
+            the training time (``None``: a fixed schedule); see
+            :class:`~torch_coherence.probe.CoherenceProbe`.
         probe_size: examples drawn (seeded) from the training set for the probe batch.
         probe: explicit probe data instead: ``(inputs, targets)``, a dataset or a loader.
         loss: the training loss; default the LightningModule's ``loss_fn`` or ``criterion``
@@ -79,6 +82,7 @@ class CoherenceCallback(pl.Callback):
     def __init__(
         self,
         every_n_steps: int = 100,
+        max_overhead: float | None = 0.03,
         probe_size: int = 64,
         probe: Any = None,
         loss: Any = None,
@@ -107,6 +111,7 @@ class CoherenceCallback(pl.Callback):
             probe_size=probe_size,
             dataset_size=dataset_size,
             every_n_steps=every_n_steps,
+            max_overhead=max_overhead,
             on_unstable=on_unstable,
             margin_warning=margin_warning,
             lr_safety=lr_safety,
