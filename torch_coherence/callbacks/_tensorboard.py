@@ -38,10 +38,8 @@ LAYOUT = {
             ["stability/margin", "stability/margin", MARGIN_LIMIT_TAG],
         ],
         "coherence": ["Multiline", ["coherence/sigma"]],
-        "critical hyperparameters": [
-            "Multiline",
-            ["stability/critical_lr", "stability/critical_batch_size"],
-        ],
+        "critical learning rate": ["Multiline", ["stability/critical_lr"]],
+        "critical batch size": ["Multiline", ["stability/critical_batch_size"]],
     }
 }
 
