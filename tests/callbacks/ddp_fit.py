@@ -1,7 +1,9 @@
 """Script for the 2-process DDP test: ``python ddp_fit.py OUTDIR`` (Lightning relaunches it).
 
 Trains TinyClassifier with ``strategy="ddp"`` on CPU (gloo) with the callback and writes,
-per rank, the callback history; rank zero also writes the final weights and the timings.
+per rank, the callback history and timings (seconds each rank spent in the probe, and the
+time of an all-reduce of a Gram-sized float64 tensor, the communication the alternative
+design, splitting the Gram over ranks, would need); rank zero also writes the final weights.
 """
 
 from __future__ import annotations
@@ -22,6 +24,19 @@ from pytorch_lightning.loggers import CSVLogger
 from torch_coherence.callbacks import CoherenceCallback
 
 
+class TimedCallback(CoherenceCallback):
+    """Records the wall time each rank spends in :meth:`run_probe` (rank 1: waiting)."""
+
+    seconds: list[float]
+
+    def run_probe(self, trainer, pl_module):
+        start = time.perf_counter()
+        try:
+            return super().run_probe(trainer, pl_module)
+        finally:
+            self.seconds = [*getattr(self, "seconds", []), time.perf_counter() - start]
+
+
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0)
@@ -31,7 +46,8 @@ def main(out: Path) -> None:
         import torch_coherence.probe as probe
 
         probe._default_engine = fake_measure_curvature
-    cb = CoherenceCallback(max_overhead=None, every_n_steps=3, probe_size=32)
+    probe_size = 32
+    cb = TimedCallback(max_overhead=None, every_n_steps=3, probe_size=probe_size)
     logger = CSVLogger(str(out), name="csv", version=0)
     kw = trainer_kwargs(out, callbacks=[cb], logger=logger, max_steps=6)
     kw.update(strategy="ddp", devices=2, deterministic=False)
@@ -41,9 +57,16 @@ def main(out: Path) -> None:
     seconds = time.perf_counter() - start
     rank = trainer.global_rank
     (out / f"history_{rank}.json").write_text(json.dumps(cb.history))
+    gram = torch.randn(probe_size * 3, probe_size * 3, dtype=torch.float64)
+    torch.distributed.barrier()
+    start_ar = time.perf_counter()
+    for _ in range(10):
+        torch.distributed.all_reduce(gram)
+    allreduce = (time.perf_counter() - start_ar) / 10
+    timing = {"fit_seconds": seconds, "run_probe_seconds": cb.seconds, "allreduce": allreduce}
+    (out / f"timing_{rank}.json").write_text(json.dumps(timing))
     if rank == 0:
         torch.save(trainer.lightning_module.state_dict(), out / "weights.pt")
-        (out / "timing.json").write_text(json.dumps({"fit_seconds": seconds}))
 
 
 if __name__ == "__main__":
