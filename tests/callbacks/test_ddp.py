@@ -25,14 +25,15 @@ def test_ddp_two_processes(tmp_path) -> None:
         import torch_coherence.curvature  # noqa: F401
     except ImportError:
         env["TC_FAKE_ENGINE"] = "1"
-    proc = subprocess.run(
-        [sys.executable, str(HERE / "ddp_fit.py"), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    for out, extra in ((tmp_path, []), (tmp_path / "plain", ["--no-callback"])):
+        out.mkdir(exist_ok=True)
+        cmd = [sys.executable, str(HERE / "ddp_fit.py"), str(out), *extra]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    probed = torch.load(tmp_path / "weights.pt")
+    plain = torch.load(tmp_path / "plain" / "weights.pt")
+    for key, value in plain.items():
+        assert torch.equal(value, probed[key]), key  # training unaffected
     h0 = json.loads((tmp_path / "history_0.json").read_text())
     h1 = json.loads((tmp_path / "history_1.json").read_text())
     assert [h["step"] for h in h0] == [3, 6]
