@@ -1,9 +1,11 @@
 """Lightning: SGD against SAM on digits, both with CoherenceCallback.
 
-SAM runs under manual optimization (first_step / second_step), the pattern for any
-optimizer that needs two gradient evaluations per step; the callback counts optimizer
-steps through a hook, so its schedule is right even though ``trainer.global_step`` counts
-differently under manual optimization.
+SAM runs under manual optimization with a closure passed to ``opt.step`` (SAM evaluates
+it twice, at w and at w + e); going through Lightning's ``opt.step`` keeps
+``trainer.global_step`` counting. (Calling ``opt.optimizer.first_step()`` /
+``second_step()`` directly also trains, but Lightning then never advances ``global_step``,
+so ``max_steps`` would never be reached.) The callback counts optimizer steps through a
+hook on SAM's base optimizer, so its schedule is right either way.
 
 Run:  python examples/lightning_sgd_vs_sam.py      (about a minute on a laptop CPU)
 Then: tensorboard --logdir runs/sgd_vs_sam
@@ -45,12 +47,15 @@ class Classifier(pl.LightningModule):
         if self.automatic_optimization:
             loss = self.loss_fn(self(x), y)
         else:
-            opt = self.optimizers().optimizer  # the SAM instance
-            loss = self.loss_fn(self(x), y)
-            self.manual_backward(loss)
-            opt.first_step(zero_grad=True)
-            self.manual_backward(self.loss_fn(self(x), y))
-            opt.second_step(zero_grad=True)
+            opt = self.optimizers()  # Lightning's wrapper of the SAM instance
+
+            def closure() -> torch.Tensor:  # SAM evaluates it at w and at w + e
+                opt.zero_grad()
+                loss = self.loss_fn(self(x), y)
+                self.manual_backward(loss)
+                return loss
+
+            loss = opt.step(closure=closure)  # SAM.step: first_step, closure, second_step
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

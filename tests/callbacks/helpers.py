@@ -59,6 +59,7 @@ def trainer_kwargs(tmp_path, **kw) -> dict:
         accelerator="cpu",
         devices=1,
         max_steps=6,
+        max_epochs=5,
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,

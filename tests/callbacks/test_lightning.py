@@ -203,3 +203,41 @@ def test_works_with_lightning_pytorch_trainer(tmp_path) -> None:
     trainer = L.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=logger, max_steps=4))
     trainer.fit(Module())
     assert [h["step"] for h in cb.history] == [2, 4]
+
+
+def test_sam_automatic_equals_manual_optimization(tmp_path) -> None:
+    from torch_coherence.optim import SAM
+
+    class AutoSAM(TinyClassifier):
+        def configure_optimizers(self):
+            return SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=self.lr)
+
+    class ManualSAM(AutoSAM):
+        def __init__(self, **kw) -> None:
+            super().__init__(**kw)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            opt = self.optimizers()
+
+            def closure():
+                opt.zero_grad()
+                loss = self.loss_fn(self(x), y)
+                self.manual_backward(loss)
+                return loss
+
+            opt.step(closure=closure)  # through Lightning, so global_step counts
+
+    torch.manual_seed(0)
+    auto = AutoSAM(norm=False)
+    manual = ManualSAM(norm=False)
+    manual.load_state_dict(auto.state_dict())
+    cbs = [CoherenceCallback(max_overhead=None, every_n_steps=2, probe_size=16) for _ in "ab"]
+    _fit(tmp_path, auto, [cbs[0]], max_steps=4, max_epochs=1)
+    _fit(tmp_path, manual, [cbs[1]], max_steps=4, max_epochs=1)
+    for a, b in zip(_weights(auto).values(), _weights(manual).values(), strict=True):
+        torch.testing.assert_close(a, b)
+    for cb in cbs:
+        assert [h["step"] for h in cb.history] == [2, 4]
+        assert cb.probe.last_report.sam_rho == 0.05
