@@ -250,3 +250,12 @@ def test_time_budget_stretches_the_interval() -> None:
     # ~0.1 s of probing needs ~1 s of training at ~2 ms per step: hundreds of steps
     assert budget.next_probe_step > 100
     assert budget.state_dict()["next_probe_step"] == budget.next_probe_step
+
+
+def test_non_sgd_optimizer_noted_once() -> None:
+    probe = _probe(ScriptedEngine())
+    adam = torch.optim.Adam(nn.Linear(3, 2).parameters(), lr=1e-3)
+    with pytest.warns(CoherenceWarning, match="derived for SGD"):
+        probe.run(nn.Linear(3, 2), adam, B)
+    probe.count_step()
+    assert probe.run(nn.Linear(3, 2), adam, B).messages == ()

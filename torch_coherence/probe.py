@@ -308,6 +308,7 @@ class CoherenceProbe:
         self.last_report: StabilityReport | None = None
         self._warm_vector: torch.Tensor | None = None
         self._hook: Any = None
+        self._noted_optimizer = False
         if probe is not None:
             self.set_probe(probe)
 
@@ -418,6 +419,9 @@ class CoherenceProbe:
         self.probe_seconds += cost
         metrics["probe/seconds"] = cost
         messages, armed, stop, new_lr, raise_error = self._decide(step, report, hyper)
+        note = self._optimizer_note(optimizer)
+        if note:
+            messages = (note, *messages)
         return ProbeResult(
             step=step,
             metrics=metrics,
@@ -494,6 +498,18 @@ class CoherenceProbe:
         if gns is not None and math.isfinite(float(gns)):
             metrics["noise/gradient_noise_scale"] = float(gns)
         return report, metrics
+
+    def _optimizer_note(self, optimizer: Any) -> str | None:
+        """A one-time note when the optimizer is not SGD (or SAM over SGD)."""
+        base = _count_target(optimizer)
+        if self._noted_optimizer or isinstance(base, torch.optim.SGD):
+            return None
+        self._noted_optimizer = True
+        return (
+            f"torch-coherence: the stability thresholds are derived for SGD (and SAM over SGD); "
+            f"with {type(base).__name__} they describe SGD at the same learning rate, batch "
+            "size and momentum, not the adaptive update"
+        )
 
     def _failed(self, step: int, err: BaseException, next_step: int) -> ProbeResult:
         what = f"{type(err).__name__}: {err}".splitlines()[0][:300]
