@@ -86,11 +86,15 @@ def fake_measure_curvature(model, inputs, targets, loss, *, n=None, **kwargs):
 
     jac = vmap(jacrev(f), in_dims=(None, 0))(params, inputs)
     J = torch.cat([j.reshape(j.shape[0], j.shape[1], -1) for j in jac.values()], dim=2)
-    with torch.no_grad():
-        p = torch.softmax(functional_call(model, (params, buffers), (inputs,)), dim=1).double()
-    sq = p.sqrt()
-    Bm = torch.diag_embed(sq) - p.unsqueeze(2) * sq.unsqueeze(1)  # B = diag(sqrt p) - p sqrt(p)^T
-    A = Bm.transpose(1, 2) @ J.double()
+    if isinstance(loss, torch.nn.MSELoss):  # per-sample mean over C outputs: Lambda = 2/C I
+        A = J.double() * (2.0 / J.shape[1]) ** 0.5
+    else:
+        with torch.no_grad():
+            out = functional_call(model, (params, buffers), (inputs,))
+            p = torch.softmax(out, dim=1).double()
+        sq = p.sqrt()
+        Bm = torch.diag_embed(sq) - p.unsqueeze(2) * sq.unsqueeze(1)  # B B^T = Lambda
+        A = Bm.transpose(1, 2) @ J.double()
     model.train(was)
     stats = coherence_from_factors(A)
     return SimpleNamespace(
