@@ -20,7 +20,7 @@ from torch_coherence.probe import CoherenceWarning
 def _engine_until_landed(monkeypatch):
     """TEMPORARY: use a stand-in engine while torch_coherence.curvature is missing."""
     try:
-        import torch_coherence.curvature  # noqa: F401
+        from torch_coherence.curvature import measure_curvature  # noqa: F401
     except ImportError:
         from callbacks.helpers import fake_measure_curvature
 

@@ -196,12 +196,8 @@ def _default_engine(*args: Any, **kwargs: Any) -> Any:
 
 
 def _preserved(model: nn.Module) -> Any:
-    try:
-        from ._state import preserved_state
-    except ImportError:  # TEMPORARY until torch_coherence._state lands
-        import contextlib
+    from ._state import preserved_state
 
-        return contextlib.nullcontext()
     return preserved_state(model)
 
 

@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 def test_ddp_two_processes(tmp_path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
-        import torch_coherence.curvature  # noqa: F401
+        from torch_coherence.curvature import measure_curvature  # noqa: F401
     except ImportError:
         env["TC_FAKE_ENGINE"] = "1"
     for out, extra in ((tmp_path, []), (tmp_path / "plain", ["--no-callback"])):
