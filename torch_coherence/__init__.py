@@ -18,6 +18,9 @@ from .coherence import (
     coherence_from_hessians,
 )
 
+# dynamics
+from .dynamics import critical_batch_size_exact, critical_lr_exact, mean_square_rate
+
 # integrations
 from .monitor import CoherenceMonitor
 from .probe import CoherenceProbe, CoherenceProbeError, CoherenceWarning, UnstableTrainingError
@@ -50,6 +53,10 @@ __all__ = [
     "stability_report",
     "theorem1_threshold",
     "theorem2_bound",
+    # dynamics
+    "critical_batch_size_exact",
+    "critical_lr_exact",
+    "mean_square_rate",
     # integrations
     "CoherenceMonitor",
     "CoherenceProbe",

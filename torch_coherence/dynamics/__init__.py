@@ -1,0 +1,24 @@
+"""Exact mean-square stability and simulation of linearized SGD (MATH.md §5, §7).
+
+* :func:`mean_square_rate`: rho(T), the spectral radius of the second-moment operator.
+* :func:`critical_lr_exact`, :func:`critical_batch_size_exact`: where rho(T) = 1.
+* :func:`simulate_linearized_sgd`: Monte-Carlo runs of Definition 1 (paper 000).
+* :func:`phase_diagram`: the paper's Section 5 experiments.
+"""
+
+from .curvature_space import CoefficientCurvature, as_coefficient_curvature
+from .operator import (
+    critical_batch_size_exact,
+    critical_lr_exact,
+    mean_square_rate,
+    sampling_coefficients,
+)
+
+__all__ = [
+    "CoefficientCurvature",
+    "as_coefficient_curvature",
+    "critical_batch_size_exact",
+    "critical_lr_exact",
+    "mean_square_rate",
+    "sampling_coefficients",
+]
