@@ -54,6 +54,7 @@ from .._validation import (
     check_positive,
     check_sample_count,
 )
+from ..linalg import lanczos
 from .curvature_space import CoefficientCurvature, as_coefficient_curvature
 
 __all__ = [
@@ -214,6 +215,45 @@ def _matrix_free_rate(A: torch.Tensor, L: torch.Tensor, w: torch.Tensor, tol: fl
     return float(np.abs(vals).max())
 
 
+def _self_adjoint_rate(
+    cc: CoefficientCurvature, lr: float, a: float, b: float, q: float, tol: float
+) -> float:
+    """rho(T) without momentum by Lanczos on symmetric r x r matrices, factor-form products.
+
+    With P = I + q H, P^(1/2) J_hat P^(-1/2) = I - eta P^(1/2) H_hat P^(1/2) is symmetric
+    (SAM is SGD on the Hessians P^(1/2) H_i P^(1/2), same rho(T)). For symmetric J_hat,
+    <N, T(M)> = E tr(N J_hat M J_hat) = <T(N), M>: T is self-adjoint in the trace inner
+    product and maps the PSD cone into itself, so rho(T) is its largest eigenvalue
+    (Krein-Rutman) and Lanczos applies. Products use the coefficient factors G_i
+    (h_i = G_i^T G_i): the noise term mean_i G_i^T (G_i M G_i^T) G_i costs O(m c r^2),
+    not O(m r^3).
+    """
+    G = cc.factors
+    r = G.shape[2]
+    eye = torch.eye(r, dtype=F64)
+    if q:
+        Hm = cc.mean_hessian()
+        lam, V = torch.linalg.eigh(0.5 * (Hm + Hm.T))
+        G = G @ ((V * (1.0 + q * lam.clamp_min(0)).sqrt()) @ V.T)
+    Gt = G.transpose(1, 2)
+    H = (Gt @ G).mean(0)
+    J = eye - lr * H
+    ca, cb = lr * lr * a, lr * lr * b
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        M = v.reshape(r, r)
+        M = 0.5 * (M + M.T)
+        out = J @ M @ J + ca * (Gt @ (G @ M @ Gt) @ G).mean(0)
+        if cb:
+            out = out - cb * (H @ M @ H)
+        return out.reshape(-1)
+
+    res = lanczos(
+        matvec, eye.reshape(-1), tol=tol, max_iter=min(r * (r + 1) // 2, 500), stop="value"
+    )
+    return float(res.value)
+
+
 def _rate(
     cc: CoefficientCurvature,
     lr: float,
@@ -237,6 +277,8 @@ def _rate(
             raise ValueError("method='closed_form' needs diagonal curvature")
         used = cc.diagonal[:, cc.diagonal.max(0).values > 0]
         return _diagonal_rate(used, lr, a, b, beta, q)
+    if method == "matrix_free" and beta == 0.0:
+        return _self_adjoint_rate(cc, lr, a, b, q, tol)
     A, L, w = _operator_parts(cc, lr, a, b, beta, q)
     if method == "dense" or A.shape[0] ** 2 <= 3:
         return _dense_rate(A, L, w)
