@@ -144,9 +144,16 @@ def per_sample_layout(K: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def sigma_of_gram(K: torch.Tensor) -> float:
-    from torch_coherence.coherence import coherence_from_gram
+    """sigma = lambda_1(S) / max_i lambda_1(K_ii), S_ij = ||K_ij||_F (MATH.md §3), directly.
 
-    return float(coherence_from_gram(K.double()).sigma)
+    Written out here rather than taken from the library: an independent check of the engine's
+    sigma, and tolerant of the float32 rounding in BackPACK's factors.
+    """
+    K = K.double()
+    S = K.square().sum(dim=(1, 3)).sqrt()
+    blocks = torch.diagonal(K, dim1=0, dim2=2).permute(2, 0, 1)  # (m, C, C)
+    top = torch.linalg.eigvalsh(0.5 * (blocks + blocks.mT))[:, -1].max()
+    return float(torch.linalg.eigvalsh(S)[-1] / top)
 
 
 # --------------------------------------------------------------------------- (a) GGN Gram
