@@ -19,7 +19,15 @@ from .coherence import (
 )
 
 # dynamics
-from .dynamics import critical_batch_size_exact, critical_lr_exact, mean_square_rate
+from .dynamics import (
+    PhaseDiagram,
+    SimulationResult,
+    critical_batch_size_exact,
+    critical_lr_exact,
+    mean_square_rate,
+    phase_diagram,
+    simulate_linearized_sgd,
+)
 
 # integrations
 from .monitor import CoherenceMonitor
@@ -57,6 +65,10 @@ __all__ = [
     "critical_batch_size_exact",
     "critical_lr_exact",
     "mean_square_rate",
+    "PhaseDiagram",
+    "SimulationResult",
+    "phase_diagram",
+    "simulate_linearized_sgd",
     # integrations
     "CoherenceMonitor",
     "CoherenceProbe",

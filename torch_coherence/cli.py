@@ -74,6 +74,9 @@ def _add_thresholds(sub: argparse._SubParsersAction) -> None:
 #: Sub-command registrars, in the order ``--help`` lists them.
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_thresholds]
 SUBCOMMANDS.append(__import__("torch_coherence.demo", fromlist=["add_demo"]).add_demo)
+SUBCOMMANDS.append(
+    __import__("torch_coherence.dynamics.cli", fromlist=["add_reproduce"]).add_reproduce
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -8,17 +8,26 @@
 
 from .curvature_space import CoefficientCurvature, as_coefficient_curvature
 from .operator import (
+    NonMonotoneRateWarning,
     critical_batch_size_exact,
     critical_lr_exact,
     mean_square_rate,
     sampling_coefficients,
 )
+from .phase import PhaseDiagram, phase_diagram, section51_diagonals
+from .simulate import SimulationResult, simulate_linearized_sgd
 
 __all__ = [
     "CoefficientCurvature",
+    "NonMonotoneRateWarning",
+    "PhaseDiagram",
+    "SimulationResult",
     "as_coefficient_curvature",
     "critical_batch_size_exact",
     "critical_lr_exact",
     "mean_square_rate",
+    "phase_diagram",
     "sampling_coefficients",
+    "section51_diagonals",
+    "simulate_linearized_sgd",
 ]
