@@ -150,11 +150,12 @@ def _run_reproduce(args: argparse.Namespace) -> int:
           f"{out / (args.figure + '.csv')}, {out / (args.figure + '.png')}")  # fmt: skip
     print(
         "sampling             panel                        T1 cells diverged  "
-        "T2 cells converged  rho>1 == diverged"
+        "T2 cells converged  rho>1 == diverged  lyapunov>0 == diverged"
     )
     for a in agree_rows:
         print(f"{a['sampling']:<20} {a['panel']:<28} {_pct(a['theorem1_diverged']):>17}  "
-              f"{_pct(a['theorem2_converged']):>18}  {_pct(a['rho_agreement']):>17}")  # fmt: skip
+              f"{_pct(a['theorem2_converged']):>18}  {_pct(a['rho_agreement']):>17}  "
+              f"{_pct(a['lyapunov_agreement']):>22}")  # fmt: skip
     return 0
 
 

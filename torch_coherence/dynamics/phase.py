@@ -32,12 +32,19 @@ from .curvature_space import as_coefficient_curvature
 from .operator import check_sampling, mean_square_rate
 from .simulate import check_optimizer, check_run_options, majority_label, run_trajectories
 
-__all__ = ["PHASE_COLUMNS", "PhaseDiagram", "phase_diagram", "section51_diagonals"]
+__all__ = [
+    "PHASE_COLUMNS",
+    "PhaseDiagram",
+    "phase_diagram",
+    "section51_diagonals",
+    "section51_lyapunov",
+]
 
 #: Columns of :meth:`PhaseDiagram.write_csv`, one row per cell.
 PHASE_COLUMNS = (
     "sampling", "optimizer", "eta", "sigma", "B", "repeats", "diverged_fraction",
     "converged_fraction", "label", "theorem1_diverges", "theorem2_bound_holds", "rho",
+    "lyapunov",
 )  # fmt: skip
 
 F64 = torch.float64
@@ -91,6 +98,40 @@ def section51_diagonals(n: int, sigma: int) -> torch.Tensor:
     return D
 
 
+def section51_lyapunov(
+    n: int, sigma: int, lr: float, batch_size: int, sampling: str, sam_q: float = 0.0
+) -> float:
+    """Top Lyapunov exponent lim (1/k) log||w_k|| of the §5.1 construction (almost surely).
+
+    Every coordinate a multiplies by its own i.i.d. factor j_a, so the exponent is
+    max_a E log|j_a| (MATH.md §7: the *typical* growth rate, not the mean-square one).
+    Coordinate 1: j = 1 - (eta m / B)(1 + 2 q) X with X the number of the sigma coherent
+    samples in the batch (binomial(sigma, B/n) for Bernoulli, hypergeometric without
+    replacement); every other coordinate: j = 1 - (eta m / B)(1 + 2 q / sigma) with
+    probability B/n, else 1. -inf when a factor can be exactly 0.
+    """
+    m = 2.0 * n / sigma
+    c = lr * m / batch_size
+    p = batch_size / n
+
+    def log_abs(x: float) -> float:
+        return math.log(abs(x)) if x != 0 else -math.inf
+
+    first = 0.0
+    for x in range(sigma + 1):
+        if sampling == "bernoulli":
+            prob = math.comb(sigma, x) * p**x * (1 - p) ** (sigma - x)
+        else:
+            ways = math.comb(n - sigma, batch_size - x) if batch_size - x >= 0 else 0
+            prob = math.comb(sigma, x) * ways / math.comb(n, batch_size)
+        if prob > 0:
+            first += prob * log_abs(1.0 - c * (1.0 + 2.0 * sam_q) * x)
+    if sigma == n:
+        return first
+    other = p * log_abs(1.0 - c * (1.0 + 2.0 * sam_q / sigma))
+    return max(first, other)
+
+
 @dataclass(frozen=True)
 class PhaseDiagram:
     """One phase diagram: a row per (eta, sigma, B) cell, in :data:`PHASE_COLUMNS` order.
@@ -120,8 +161,9 @@ class PhaseDiagram:
         Returns ``theorem1_cells``, ``theorem1_diverged`` (fraction of Theorem-1 cells whose
         label is diverged), ``theorem2_cells``, ``theorem2_converged`` (fraction of cells
         below the Theorem 2 bound whose label is converged), ``cells`` and
-        ``rho_agreement`` (fraction of cells where rho(T) > 1 iff the label is diverged).
-        NaN where a set is empty.
+        ``rho_agreement`` (fraction of cells where rho(T) > 1 iff the label is diverged) and
+        ``lyapunov_agreement`` (the same for the top Lyapunov exponent > 0). NaN where a
+        set is empty.
         """
         t1 = [r for r in self.rows if r["theorem1_diverges"]]
         t2 = [r for r in self.rows if r["theorem2_bound_holds"]]
@@ -130,6 +172,7 @@ class PhaseDiagram:
             return sum(r["label"] == label for r in rows) / len(rows) if rows else math.nan
 
         agree = sum((r["rho"] > 1) == (r["label"] == "diverged") for r in self.rows)
+        lyap = sum((r["lyapunov"] > 0) == (r["label"] == "diverged") for r in self.rows)
         return {
             "cells": len(self.rows),
             "theorem1_cells": len(t1),
@@ -137,6 +180,7 @@ class PhaseDiagram:
             "theorem2_cells": len(t2),
             "theorem2_converged": frac(t2, "converged"),
             "rho_agreement": agree / len(self.rows) if self.rows else math.nan,
+            "lyapunov_agreement": lyap / len(self.rows) if self.rows else math.nan,
         }
 
 
@@ -232,5 +276,6 @@ def phase_diagram(
             "repeats": repeats, "diverged_fraction": d, "converged_fraction": v,
             "label": majority_label(d, v), "theorem1_diverges": 2.0 > t1,
             "theorem2_bound_holds": 2.0 < theorem2_bound(s, eta, b, n), "rho": rho,
+            "lyapunov": section51_lyapunov(n, s, eta, b, sampling, q),
         })  # fmt: skip
     return PhaseDiagram(tuple(rows), n, steps, int(seed))
