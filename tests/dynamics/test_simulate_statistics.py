@@ -129,25 +129,3 @@ def test_seed_reproducible_and_repeats_differ():
     b = simulate_linearized_sgd(D, 0.9, 3, **kw)
     assert torch.equal(a.norms, b.norms)
     assert not torch.equal(a.norms[0], a.norms[1])
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "exc", "match"),
-    [
-        (dict(steps=0), ValueError, "steps"),
-        (dict(repeats=0), ValueError, "repeats"),
-        (dict(steps=2.5), TypeError, "steps"),
-        (dict(grow=1.0), ValueError, "grow"),
-        (dict(shrink=0.5), ValueError, "shrink"),
-        (dict(momentum=1.0), ValueError, "momentum"),
-        (dict(sampling="poisson"), ValueError, "sampling"),
-        (dict(optimizer="adam"), ValueError, "optimizer"),
-        (dict(lr=-1.0), ValueError, "lr"),
-        (dict(batch_size=9), ValueError, "batch_size"),
-    ],
-)
-def test_bad_input_names_the_argument(kwargs, exc, match):
-    args = dict(curvature=torch.eye(2, dtype=F64).expand(4, 2, 2), lr=0.1, batch_size=2)
-    args.update(kwargs)
-    with pytest.raises(exc, match=match):
-        simulate_linearized_sgd(**args)
