@@ -18,6 +18,9 @@ from .coherence import (
     coherence_from_hessians,
 )
 
+# curvature
+from .curvature import CurvatureReport, measure_curvature
+
 # dynamics
 from .dynamics import (
     PhaseDiagram,
@@ -46,6 +49,9 @@ from .theory import (
 __version__ = "0.1.0"
 
 __all__ = [
+    # curvature
+    "CurvatureReport",
+    "measure_curvature",
     # coherence
     "CoherenceStats",
     "UndefinedCoherenceError",

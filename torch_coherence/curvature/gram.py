@@ -1,0 +1,293 @@
+r"""The per-sample Gauss-Newton block Gram K_{ir,js} = A_{ir} \cdot A_{js} without per-sample
+gradients where a layer allows it.
+
+Given square roots :math:`B_i` (m, C, R) of the output Hessians, row r of sample i's factor is
+:math:`A_{ir} = J_i^\top b_{ir}` — the gradient of :math:`b_{ir}^\top f_i` (b detached).
+One forward pass records every covered layer's input; R backward passes of
+:math:`\sum_i b_{ir}^\top f_i` give the layer output gradients :math:`\delta_{ir}` (per sample,
+because in eval mode sample i's output depends only on sample i). K is additive over parameter
+blocks (MATH.md §3):
+
+* covered layers (:mod:`.rules`): the ghost rule
+  :math:`\sum_{t,u} (\delta_{ir,t}\cdot\delta_{js,u})(a_{i,t}\cdot a_{j,u})`, or, when
+  cheaper (long t axes), the materialised per-sample gradient
+  :math:`\sum_t \delta_{ir,t} a_{i,t}^\top`. Cost per pair of rows: ghost
+  :math:`T^2(o + k/R^2 + 1)`, materialised :math:`o\,k` (o, k output / input widths).
+* every other trainable parameter: per-sample rows by ``torch.func`` (``functional_call`` +
+  ``vmap`` over samples of ``vjp``, ``vmap`` over the R cotangents), ``chunk_size`` samples at a
+  time.
+
+The result is a :class:`GramFactors` object: :meth:`GramFactors.block` gives any block
+:math:`K_{IJ}` (so a large K is never formed: S and the diagonal blocks are assembled chunk
+by chunk) and :meth:`GramFactors.matvec` multiplies by K through the factor structure (for
+Lanczos on :math:`\lambda_1(K)`), e.g. for a ghost layer
+:math:`(Kv)_{ir} = \sum_t \delta_{ir,t}^\top M a_{i,t}` with
+:math:`M = \sum_{js,u} v_{js}\, \delta_{js,u} a_{j,u}^\top`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, vjp, vmap
+from torch.utils._pytree import tree_map
+
+from .rules import RULES, output_positions
+
+
+class Forward(nn.Module):
+    """``forward_fn(model, batch)`` (or ``model(batch)``) as a module, outputs flattened (m, C)."""
+
+    def __init__(self, model: nn.Module, forward_fn: Callable[[nn.Module, Any], Any] | None):
+        super().__init__()
+        self.model = model
+        self.forward_fn = forward_fn
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        out = self.model(batch) if self.forward_fn is None else self.forward_fn(self.model, batch)
+        return out
+
+
+@dataclass
+class _Ghost:
+    a: torch.Tensor  # (m, T, k) float64, or (m, T) ids
+    d: torch.Tensor  # (m, R, T, o) float64
+    index: bool
+
+
+@dataclass
+class GramFactors:
+    """Factor structure of K for m samples with R rows each (see module docstring)."""
+
+    m: int
+    R: int
+    ghosts: list[_Ghost] = field(default_factory=list)
+    rows: list[torch.Tensor] = field(default_factory=list)  # each (m, R, P) float64
+
+    def block(self, I: slice, J: slice) -> torch.Tensor:  # noqa: E741
+        """K_{IJ} of shape (|I|, R, |J|, R), float64."""
+        R = self.R
+        ni = len(range(self.m)[I])
+        nj = len(range(self.m)[J])
+        K = None
+        for g in self.ghosts:
+            dI, dJ = g.d[I], g.d[J]
+            aI, aJ = g.a[I], g.a[J]
+            T = dI.shape[2]
+            if T == 1 and not g.index:
+                dd = (dI.reshape(ni * R, -1) @ dJ.reshape(nj * R, -1).T).view(ni, R, nj, R)
+                aa = aI[:, 0] @ aJ[:, 0].T
+                part = dd * aa.view(ni, 1, nj, 1)
+            else:
+                if g.index:
+                    aa = (aI.view(ni, -1, 1, 1) == aJ.view(1, 1, nj, -1)) & (
+                        aI.view(ni, -1, 1, 1) >= 0
+                    )
+                    aa = aa.to(dI.dtype)
+                else:
+                    aa = torch.einsum("itk,juk->itju", aI, aJ)
+                dd = torch.einsum("irto,jsuo->irtjsu", dI, dJ)
+                part = torch.einsum("irtjsu,itju->irjs", dd, aa)
+            K = part if K is None else K + part
+        for rows in self.rows:
+            part = torch.einsum("irp,jsp->irjs", rows[I], rows[J])
+            K = part if K is None else K + part
+        if K is None:
+            return torch.zeros(ni, R, nj, R, dtype=torch.float64)
+        return K
+
+    def full(self) -> torch.Tensor:
+        """All of K, (m, R, m, R)."""
+        return self.block(slice(None), slice(None))
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """K v for v of length m R (flattened (m, R))."""
+        v = v.reshape(self.m, self.R).to(torch.float64)
+        out = torch.zeros_like(v)
+        for g in self.ghosts:
+            if g.index:
+                rows = (g.d * v.view(self.m, self.R, 1, 1)).sum(1)  # (m, T, o)
+                ids = g.a.reshape(-1)
+                ok = ids >= 0
+                M = torch.zeros(
+                    int(ids.max()) + 1 if ok.any() else 1, rows.shape[-1], dtype=v.dtype
+                )
+                M.index_add_(0, ids[ok], rows.reshape(-1, rows.shape[-1])[ok])
+                gathered = M[ids.clamp_min(0)] * ok.unsqueeze(1).to(v.dtype)
+                gathered = gathered.view(self.m, -1, rows.shape[-1])  # (m, T, o)
+                out += torch.einsum("irto,ito->ir", g.d, gathered)
+            else:
+                M = torch.einsum("jsuo,js,juk->ok", g.d, v, g.a)
+                out += torch.einsum("irto,ok,itk->ir", g.d, M, g.a)
+        for rows in self.rows:
+            out += torch.einsum("irp,p->ir", rows, torch.einsum("jsp,js->p", rows, v))
+        return out.reshape(-1)
+
+    def diag_blocks(self, chunk: int) -> torch.Tensor:
+        """K_ii for all i, (m, R, R)."""
+        outs = []
+        for s in range(0, self.m, chunk):
+            sl = slice(s, min(s + chunk, self.m))
+            blk = self.block(sl, sl)
+            idx = torch.arange(blk.shape[0])
+            outs.append(blk[idx, :, idx, :])
+        return torch.cat(outs)
+
+
+def _split_params(
+    fwd: Forward, selected: dict[str, torch.Tensor]
+) -> tuple[dict[nn.Module, tuple[bool, bool]], dict[str, torch.Tensor]]:
+    """Covered modules (with which of weight / bias are selected) and fallback parameters."""
+    owners: dict[int, list[nn.Module]] = {}
+    for mod in fwd.modules():
+        for p in mod.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(mod)
+    covered: dict[nn.Module, tuple[bool, bool]] = {}
+    fallback: dict[str, torch.Tensor] = {}
+    taken: set[int] = set()
+    for mod in fwd.modules():
+        if type(mod) not in RULES:
+            continue
+        direct = dict(mod.named_parameters(recurse=False))
+        if set(direct) - {"weight", "bias"}:
+            continue
+        sel = {k: p for k, p in direct.items() if any(p is q for q in selected.values())}
+        if not sel or any(len(owners[id(p)]) > 1 for p in sel.values()):
+            continue
+        covered[mod] = ("weight" in sel, "bias" in sel)
+        taken.update(id(p) for p in sel.values())
+    for name, p in selected.items():
+        if id(p) not in taken:
+            fallback[name] = p
+    return covered, fallback
+
+
+def _ghost_cheaper(T: int, k: int, o: int, R: int) -> bool:
+    return T == 1 or T * T * (o + k / (R * R) + 1) <= o * k
+
+
+def gram_factors(
+    model: nn.Module,
+    inputs: Any,
+    sqrt: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    *,
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    chunk_size: int | None = None,
+    outputs_check: Callable[[torch.Tensor], None] | None = None,
+    force: str | None = None,
+) -> GramFactors:
+    """Factor structure of K for cotangents ``sqrt`` (m, C, R).
+
+    Args:
+        model: the model (already in eval mode).
+        inputs: the probe batch (tensor, or anything ``forward_fn`` takes).
+        sqrt: (m, C, R) square roots of the output Hessians (float64).
+        params: the selected trainable parameters by name as in ``model.named_parameters()``.
+        forward_fn: ``forward_fn(model, inputs) -> outputs`` for non-tensor batches.
+        chunk_size: samples per ``vmap`` call of the fallback (default 32).
+        outputs_check: called with the (m, C) outputs of the recording forward pass.
+        force: ``"ghost"``, ``"materialise"`` or ``"fallback"`` to force one assembly path for
+            all covered layers (testing); default chooses per layer by cost.
+    """
+    fwd = Forward(model, forward_fn)
+    m, _C, R = sqrt.shape
+    selected = {"model." + k: v for k, v in params.items()}
+    covered, fallback = _split_params(fwd, selected)
+    if force == "fallback":
+        fallback, covered = dict(selected), {}
+    facs = GramFactors(m=m, R=R)
+    records: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        records.setdefault(mod, []).append((args[0].detach(), out))
+
+    handles = [mod.register_forward_hook(hook) for mod in covered]
+    try:
+        with torch.enable_grad():
+            out = fwd(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    flat = out.reshape(m, -1)
+    if outputs_check is not None:
+        outputs_check(flat)
+    if covered:
+        mods = [mod for mod in covered if mod in records]
+        outs = [o for mod in mods for _, o in records[mod]]
+        cot = sqrt.to(out.dtype).permute(2, 0, 1).reshape(R, *out.shape)
+        grads: list[list[torch.Tensor]] = [[] for _ in outs]
+        for r in range(R):
+            gs = torch.autograd.grad(out, outs, cot[r], retain_graph=True, allow_unused=True)
+            for lst, o, g in zip(grads, outs, gs, strict=False):
+                lst.append(torch.zeros_like(o) if g is None else g)
+        k = 0
+        for mod in mods:
+            w, b = covered[mod]
+            a_parts, d_parts = [], []
+            for x, _ in records[mod]:
+                gin = RULES[type(mod)](mod, x, w, b)
+                if gin is None:
+                    raise RuntimeError("rule declined a covered module")
+                a_parts.append(gin.a if gin.index else gin.a.double())
+                d_parts.append(output_positions(mod, torch.stack(grads[k])).double())
+                k += 1
+            a = torch.cat(a_parts, 1)
+            d = torch.cat(d_parts, 2)
+            index = a.dtype == torch.long
+            T, o_dim = d.shape[2], d.shape[3]
+            k_dim = a.shape[2] if not index else 1
+            ghost = (
+                force == "ghost"
+                or index
+                or (force != "materialise" and _ghost_cheaper(T, k_dim, o_dim, R))
+            )
+            if ghost:
+                facs.ghosts.append(_Ghost(a=a, d=d, index=index))
+            else:
+                facs.rows.append(torch.einsum("irto,itk->irok", d, a).reshape(m, R, -1))
+    records.clear()
+    if fallback:
+        facs.rows.append(_fallback_rows(fwd, inputs, sqrt, fallback, chunk_size or 32))
+    return facs
+
+
+def _fallback_rows(
+    fwd: Forward,
+    inputs: Any,
+    sqrt: torch.Tensor,
+    fallback: dict[str, torch.Tensor],
+    chunk: int,
+) -> torch.Tensor:
+    """Per-sample rows J_i^T b_ir for the fallback parameters, (m, R, P) float64."""
+    m, _C, R = sqrt.shape
+    names = list(fallback)
+    pvals = {k: fallback[k].detach() for k in names}
+
+    def one(p: dict[str, torch.Tensor], x: Any) -> torch.Tensor:
+        xb = tree_map(lambda t: t.unsqueeze(0) if isinstance(t, torch.Tensor) else t, x)
+        return functional_call(fwd, p, (xb,), strict=False).reshape(-1)
+
+    def sample_rows(x: Any, b: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, pull = vjp(lambda p: one(p, x), pvals)
+        return vmap(pull)(b.T.to(out.dtype))[0]
+
+    batched = vmap(sample_rows)
+    chunks = []
+    for s in range(0, m, chunk):
+        sl = slice(s, min(s + chunk, m))
+        xs = tree_map(lambda t, sl=sl: t[sl] if isinstance(t, torch.Tensor) else t, inputs)
+        g = batched(xs, sqrt[sl])
+        chunks.append(
+            torch.cat([g[k].reshape(g[k].shape[0], R, -1) for k in names], 2).detach().double()
+        )
+    return torch.cat(chunks)
+
+
+def flat_params(params: Sequence[torch.Tensor]) -> int:
+    """Total number of entries."""
+    return sum(p.numel() for p in params)

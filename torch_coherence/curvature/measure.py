@@ -1,0 +1,372 @@
+r"""``measure_curvature``: coherence, sharpness and gradient noise scale of a model on a probe.
+
+Pipeline (MATH.md §2-3, §6): forward the probe batch in eval mode inside
+:func:`torch_coherence._state.preserved_state`; output-Hessian square roots :math:`B_i`
+(:mod:`.losses`); the block Gram :math:`K = AA^\top` by layer rules (:mod:`.gram`), with the
+per-sample loss gradients appended as one extra cotangent so the per-sample gradient Gram
+:math:`P_{ij} = g_i \cdot g_j` comes from the same passes; coherence statistics from K
+(small m) or chunk-wise from S and the diagonal blocks plus Lanczos on K-products (large m,
+K never formed); the Hessian sharpness by Lanczos on HVPs.
+
+Gradient noise scale (McCandlish et al. 2018, "An empirical model of large-batch training",
+eq. 2.8 and App. A): :math:`B_{simple} = \mathrm{tr}(\Sigma)/|G|^2` with the unbiased
+estimators from P:
+:math:`\widehat{|G|^2} = \frac{1}{m(m-1)}\sum_{i\ne j} P_{ij}` and
+:math:`\widehat{\mathrm{tr}\Sigma} = \frac{1}{m-1}\big(\sum_i P_{ii} - m |\bar g|^2\big)`
+(the sample covariance trace). The ratio is consistent, not unbiased; it is ``inf`` when the
+estimate of :math:`|G|^2` is not positive.
+
+Full-data sigma (n > m). The probe S is an m x m sample of the n x n matrix S_n. With the
+probe rows drawn uniformly without replacement, the off-diagonal row sums of S_n are estimated
+without bias by :math:`\frac{n-1}{m-1}` times the probe's, so
+
+.. math::
+
+    \hat\sigma_n = \lambda_1\!\Big(\mathrm{diag}(S) + \tfrac{n-1}{m-1}\,(S - \mathrm{diag}(S))\Big)
+        \Big/ \max_i \lambda_1(H_i)
+
+("rescaled off-diagonal" estimator; exact for identical H_i, where it gives n, and for mutually
+orthogonal H_i, where it gives the probe value). The denominator is the probe maximum (the
+maximum over all n is at least as large, so the estimate leans high, i.e. conservative).
+Validated on all 1797 digits in ``tests/curvature/test_full_data.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..coherence import CoherenceStats, _finish, coherence_from_gram
+from ..linalg import lanczos, top_eigenvalue
+from .gram import Forward, GramFactors, gram_factors
+from .losses import (
+    check_loss,
+    output_curvature,
+    output_gradients,
+    per_sample_losses,
+    sampled_curvature,
+)
+
+#: K is formed whole when m * R is at most this (m R = 4096: 134 MB float64).
+DENSE_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class CurvatureReport:
+    r"""What :func:`measure_curvature` measured on a probe batch of ``num_samples`` examples.
+
+    Attributes:
+        stats: coherence statistics of the probe (sigma, lambda_1(S), max_i lambda_1(H_i),
+            GGN sharpness, S).
+        hessian_sharpness: top eigenvalue of the Hessian of the mean probe loss (None if not
+            computed).
+        ggn_sharpness: :math:`\lambda_1(K)/m`, top eigenvalue of the mean GGN (None if not
+            computed).
+        hvp_count: Hessian-vector products used (0 without Hessian sharpness).
+        hessian_residual: Lanczos residual of the Hessian sharpness (nan if not computed).
+        gradient_noise_scale: :math:`B_{simple}` (see module docstring).
+        num_samples: m.
+        num_params: number of parameters measured.
+        seconds: wall time.
+        sharpness_vector: top Hessian eigenvector (flat float64), for ``init_vector``.
+        sigma_full: the full-data sigma estimate when n > m, else None.
+        n: the data-set size sigma_full refers to (m when not given).
+        factors: ``"exact"`` or ``"mc"``.
+        clipped_eigenvalue: most negative output-Hessian eigenvalue clipped (callable losses).
+        gram: the block Gram (m, R, m, R) when it was formed (small m), else None.
+    """
+
+    stats: CoherenceStats
+    hessian_sharpness: float | None
+    ggn_sharpness: float | None
+    hvp_count: int
+    hessian_residual: float
+    gradient_noise_scale: float
+    num_samples: int
+    num_params: int
+    seconds: float
+    sharpness_vector: torch.Tensor | None
+    sigma_full: float | None
+    n: int
+    factors: str
+    clipped_eigenvalue: float
+    gram: torch.Tensor | None
+
+
+def _length(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return int(x.shape[0]) if x.dim() > 0 else 0
+    if isinstance(x, dict):
+        return _length(next(iter(x.values())))
+    if isinstance(x, (tuple, list)):
+        return _length(x[0]) if x else 0
+    return len(x)
+
+
+def _devices(x: Any) -> set[torch.device]:
+    if isinstance(x, torch.Tensor):
+        return {x.device}
+    if isinstance(x, dict):
+        return set().union(*(_devices(v) for v in x.values()))
+    if isinstance(x, (tuple, list)):
+        return set().union(*(_devices(v) for v in x)) if x else set()
+    return set()
+
+
+def _select_params(
+    model: nn.Module, params: Sequence[str] | Sequence[torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    named = dict(model.named_parameters())
+    if params is None:
+        sel = {k: p for k, p in named.items() if p.requires_grad}
+    else:
+        sel = {}
+        for item in params:
+            if isinstance(item, str):
+                if item not in named:
+                    raise ValueError(f"params: {item!r} is not a parameter name of the model")
+                sel[item] = named[item]
+            else:
+                hit = [k for k, p in named.items() if p is item]
+                if not hit:
+                    raise ValueError("params: a tensor that is not a parameter of the model")
+                sel[hit[0]] = item
+        sel = {k: p for k, p in sel.items() if p.requires_grad}
+    if not sel:
+        raise ValueError("model/params: no trainable parameters (all have requires_grad=False)")
+    return sel
+
+
+def _check_outputs(out: torch.Tensor) -> None:
+    bad = ~torch.isfinite(out.detach()).reshape(out.shape[0], -1).all(1)
+    if bad.any():
+        idx = bad.nonzero().flatten().tolist()
+        raise FloatingPointError(f"model outputs are not finite for probe samples {idx[:20]}")
+
+
+def _stats_large(
+    facs: GramFactors, chunk: int, eig_method: str, tol: float, seed: int | None
+) -> tuple[CoherenceStats, float]:
+    """Coherence statistics without forming K: S and K_ii chunk-wise, lambda_1(K) by Lanczos."""
+    m = facs.m
+    S2 = torch.zeros(m, m, dtype=torch.float64)
+    diag = []
+    for s in range(0, m, chunk):
+        I = slice(s, min(s + chunk, m))  # noqa: E741
+        for t in range(s, m, chunk):
+            J = slice(t, min(t + chunk, m))
+            blk = facs.block(I, J)
+            sq = blk.square().sum((1, 3))
+            S2[I, J] = sq
+            S2[J, I] = sq.T
+            if s == t:
+                idx = torch.arange(blk.shape[0])
+                diag.append(blk[idx, :, idx, :])
+    Kii = torch.cat(diag)
+    sample = torch.linalg.eigvalsh(0.5 * (Kii + Kii.transpose(1, 2)))[:, -1]
+    gen = torch.Generator().manual_seed(0 if seed is None else seed)
+    v0 = torch.randn(m * facs.R, generator=gen, dtype=torch.float64)
+    top = lanczos(facs.matvec, v0, tol=max(tol, 1e-10), max_iter=100, stop="value").value
+    ggn = top / m
+    return _finish(S2, sample, ggn, eig_method, tol), ggn
+
+
+def _sigma_full(stats: CoherenceStats, n: int) -> float:
+    S = stats.S.to(torch.float64)
+    m = S.shape[0]
+    d = torch.diagonal(S).clone()
+    scaled = (S - torch.diag(d)) * ((n - 1) / (m - 1)) + torch.diag(d)
+    lam = top_eigenvalue(scaled, eig_method="auto", tol=1e-10, name="S").value
+    return float(lam / stats.max_sample_sharpness)
+
+
+def _noise_scale(P: torch.Tensor) -> float:
+    m = P.shape[0]
+    total = float(P.sum())
+    tr = float(torch.diagonal(P).sum())
+    g2 = (total - tr) / (m * (m - 1))
+    trace_sigma = (tr - total / m) / (m - 1)
+    return trace_sigma / g2 if g2 > 0 else math.inf
+
+
+def measure_curvature(
+    model: nn.Module,
+    inputs: Any,
+    targets: Any,
+    loss: Any,
+    *,
+    n: int | None = None,
+    factors: str = "exact",
+    mc_samples: int = 1,
+    params: Sequence[str] | Sequence[torch.Tensor] | None = None,
+    chunk_size: int | None = None,
+    sketch_dim: int | None = None,
+    sharpness: str | None = "both",
+    tol: float = 1e-4,
+    max_hvps: int = 20,
+    init_vector: torch.Tensor | None = None,
+    eig_method: str = "auto",
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None,
+    seed: int | None = None,
+) -> CurvatureReport:
+    r"""Coherence, sharpness and gradient noise scale of ``model`` on a probe batch.
+
+    Args:
+        model: any ``nn.Module``; evaluated in eval mode (BatchNorm running statistics,
+            dropout off: per-sample curvature is undefined with batch statistics). Its
+            parameters, buffers, ``.grad``, RNG states and modes are restored exactly.
+        inputs: probe inputs (m, ...) or a dict/tuple batch for ``forward_fn``.
+        targets: probe targets (m, ...).
+        loss: see :mod:`torch_coherence.curvature.losses` (CE, NLL, MSE, BCEWithLogits or a
+            per-sample callable).
+        n: training-set size; when n > m the report carries ``sigma_full``.
+        factors: ``"exact"`` (all C rows of B_i) or ``"mc"`` (``mc_samples`` sampled labels;
+            unbiased for the mean GGN, but biased for sigma and max_i lambda_1(H_i) —
+            MATH.md §3).
+        mc_samples: sampled rows per sample for ``factors="mc"``.
+        params: parameter names or tensors to measure (default: all trainable ones);
+            frozen ones are dropped.
+        chunk_size: samples per chunk of the fallback and of the large-m assembly.
+        sketch_dim: not implemented (must be None).
+        sharpness: ``"both"``, ``"hessian"``, ``"ggn"`` or None.
+        tol: relative eigenvalue accuracy of the Hessian Lanczos.
+        max_hvps: at most this many Hessian-vector products.
+        init_vector: warm start of the Hessian Lanczos (previous ``sharpness_vector``).
+        eig_method: eigen-solver for lambda_1(S) and lambda_1(K) (see ``coherence_from_gram``).
+        forward_fn: ``forward_fn(model, inputs) -> outputs`` for non-tensor batches.
+        seed: seed of MC labels and Lanczos start vectors.
+
+    Returns:
+        A frozen :class:`CurvatureReport`.
+
+    Raises:
+        ValueError: length mismatch, m < 2, bad options, no trainable parameters, device
+            mismatch. TypeError: unsupported loss. FloatingPointError: non-finite outputs or
+            curvature (with the sample indices).
+    """
+    t0 = time.perf_counter()
+    check_loss(loss)
+    if factors not in ("exact", "mc"):
+        raise ValueError(f"factors must be 'exact' or 'mc', got {factors!r}")
+    if sharpness not in ("both", "hessian", "ggn", None):
+        raise ValueError(f"sharpness must be 'both', 'hessian', 'ggn' or None, got {sharpness!r}")
+    if sketch_dim is not None:
+        raise NotImplementedError("sketch_dim: the randomized sketch is not implemented yet")
+    if factors == "mc" and (not isinstance(mc_samples, int) or mc_samples < 1):
+        raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
+    m = _length(inputs)
+    mt = _length(targets)
+    if m != mt:
+        raise ValueError(f"inputs and targets: lengths differ ({m} vs {mt})")
+    if m < 2:
+        raise ValueError(f"inputs: the probe needs at least 2 samples, got {m}")
+    if n is not None and n < m:
+        raise ValueError(f"n: the data-set size {n} is smaller than the probe size {m}")
+    sel = _select_params(model, params)
+    pdev = {p.device for p in sel.values()}
+    for name, x in (("inputs", inputs), ("targets", targets)):
+        bad = {d for d in _devices(x) if d.type != next(iter(pdev)).type}
+        if bad:
+            raise ValueError(
+                f"{name}: on {sorted(map(str, bad))} but the model is on "
+                f"{sorted(map(str, pdev))}; move them to the model's device"
+            )
+    from .._state import preserved_state
+
+    with preserved_state(model):
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in sel.values():
+            p.requires_grad_(True)
+        fwd = Forward(model, forward_fn)
+        with torch.no_grad():
+            out = fwd(inputs)
+        _check_outputs(out)
+        if factors == "exact":
+            oc = output_curvature(loss, out, targets)
+        else:
+            gen = torch.Generator().manual_seed(0 if seed is None else seed)
+            oc = sampled_curvature(loss, out, targets, mc_samples, gen)
+        Bsq = oc.sqrt
+        if not torch.isfinite(Bsq).all():
+            bad = (~torch.isfinite(Bsq)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise FloatingPointError(f"non-finite output curvature at probe samples {bad[:20]}")
+        grads = output_gradients(loss, out, targets)
+        R = Bsq.shape[2]
+        ext = torch.cat([Bsq, grads.unsqueeze(2)], dim=2)
+        facs = gram_factors(
+            model,
+            inputs,
+            ext,
+            sel,
+            forward_fn=forward_fn,
+            chunk_size=chunk_size,
+            outputs_check=_check_outputs,
+        )
+        gram = None
+        if m * (R + 1) <= DENSE_LIMIT:
+            Kx = facs.full()
+            if not torch.isfinite(Kx).all():
+                bad = (~torch.isfinite(Kx)).flatten(1).any(1).nonzero().flatten().tolist()
+                raise FloatingPointError(f"non-finite curvature at probe samples {bad[:20]}")
+            gram = Kx[:, :R, :, :R].contiguous()
+            P = Kx[:, R, :, R]
+            stats = coherence_from_gram(gram, eig_method=eig_method)
+            ggn = stats.sharpness
+        else:
+            chunk = max(1, min(m, 4096 // (R + 1)))
+            Pparts = []
+            facs_g = GramFactors(m=m, R=R)
+            facs_p = GramFactors(m=m, R=1)
+            for g in facs.ghosts:
+                facs_g.ghosts.append(type(g)(a=g.a, d=g.d[:, :R], index=g.index))
+                facs_p.ghosts.append(type(g)(a=g.a, d=g.d[:, R:], index=g.index))
+            for rows in facs.rows:
+                facs_g.rows.append(rows[:, :R])
+                facs_p.rows.append(rows[:, R:])
+            del facs
+            for s in range(0, m, chunk):
+                Pparts.append(facs_p.block(slice(s, min(s + chunk, m)), slice(None))[:, 0, :, 0])
+            P = torch.cat(Pparts)
+            stats, ggn = _stats_large(facs_g, chunk, eig_method, 1e-10, seed)
+        noise = _noise_scale(P)
+        hess = None
+        vec = None
+        hvps = 0
+        resid = math.nan
+        if sharpness in ("both", "hessian"):
+            from .sharpness import hessian_sharpness
+
+            plist = list(sel.values())
+
+            def loss_fn() -> torch.Tensor:
+                return per_sample_losses(loss, fwd(inputs), targets).mean()
+
+            res = hessian_sharpness(
+                loss_fn, plist, tol=tol, max_hvps=max_hvps, init_vector=init_vector, seed=seed
+            )
+            hess, vec, hvps, resid = res.value, res.vector, res.hvp_count, res.residual
+    sigma_full = _sigma_full(stats, n) if n is not None and n > m else None
+    return CurvatureReport(
+        stats=stats,
+        hessian_sharpness=hess,
+        ggn_sharpness=ggn if sharpness in ("both", "ggn") else None,
+        hvp_count=hvps,
+        hessian_residual=resid,
+        gradient_noise_scale=noise,
+        num_samples=m,
+        num_params=sum(p.numel() for p in sel.values()),
+        seconds=time.perf_counter() - t0,
+        sharpness_vector=vec,
+        sigma_full=sigma_full,
+        n=m if n is None else int(n),
+        factors=factors,
+        clipped_eigenvalue=oc.clipped,
+        gram=gram,
+    )
