@@ -229,23 +229,27 @@ def _self_adjoint_rate(
     not O(m r^3).
     """
     G = cc.factors
-    r = G.shape[2]
+    m, c, r = G.shape
     eye = torch.eye(r, dtype=F64)
-    if q:
-        Hm = cc.mean_hessian()
-        lam, V = torch.linalg.eigh(0.5 * (Hm + Hm.T))
-        G = G @ ((V * (1.0 + q * lam.clamp_min(0)).sqrt()) @ V.T)
-    Gt = G.transpose(1, 2)
-    H = (Gt @ G).mean(0)
-    J = eye - lr * H
-    ca, cb = lr * lr * a, lr * lr * b
+    # rotate to the eigenbasis of H, where J, P and H act entrywise on M
+    Hm = cc.mean_hessian()
+    mu, V = torch.linalg.eigh(0.5 * (Hm + Hm.T))
+    mu = mu.clamp_min(0)
+    G = G @ (V * (1.0 + q * mu).sqrt())  # SAM: P^(1/2) H_i P^(1/2), P = I + q H
+    mu = mu * (1.0 + q * mu)
+    jj = torch.outer(1.0 - lr * mu, 1.0 - lr * mu)
+    hh = torch.outer(mu, mu)
+    flat = G.reshape(m * c, r)
+    ca, cb = lr * lr * a / m, lr * lr * b
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
         M = v.reshape(r, r)
         M = 0.5 * (M + M.T)
-        out = J @ M @ J + ca * (Gt @ (G @ M @ Gt) @ G).mean(0)
+        # sum_i G_i^T (G_i M G_i^T) G_i as one (r, mc) x (mc, r) product
+        inner = (G @ M) @ G.transpose(1, 2)  # (m, c, c)
+        out = jj * M + ca * (flat.T @ (inner @ G).reshape(m * c, r))
         if cb:
-            out = out - cb * (H @ M @ H)
+            out = out - cb * (hh * M)
         return out.reshape(-1)
 
     res = lanczos(
