@@ -81,7 +81,11 @@ class GramFactors:
             if T == 1 and not g.index:
                 dd = (dI.reshape(ni * R, -1) @ dJ.reshape(nj * R, -1).T).view(ni, R, nj, R)
                 aa = aI[:, 0] @ aJ[:, 0].T
-                part = dd * aa.view(ni, 1, nj, 1)
+                if K is None:
+                    K = dd.mul_(aa.view(ni, 1, nj, 1))
+                else:
+                    K.addcmul_(dd, aa.view(ni, 1, nj, 1))
+                continue
             else:
                 if g.index:
                     aa = (aI.view(ni, -1, 1, 1) == aJ.view(1, 1, nj, -1)) & (
@@ -94,8 +98,8 @@ class GramFactors:
                 part = torch.einsum("irtjsu,itju->irjs", dd, aa)
             K = part if K is None else K + part
         for rows in self.rows:
-            part = torch.einsum("irp,jsp->irjs", rows[I], rows[J])
-            K = part if K is None else K + part
+            part = (rows[I].reshape(ni * R, -1) @ rows[J].reshape(nj * R, -1).T).view(ni, R, nj, R)
+            K = part if K is None else K.add_(part)
         if K is None:
             return torch.zeros(ni, R, nj, R, dtype=torch.float64)
         return K
@@ -121,11 +125,24 @@ class GramFactors:
                 gathered = gathered.view(self.m, -1, rows.shape[-1])  # (m, T, o)
                 out += torch.einsum("irto,ito->ir", g.d, gathered)
             else:
-                M = torch.einsum("jsuo,js,juk->ok", g.d, v, g.a)
-                out += torch.einsum("irto,ok,itk->ir", g.d, M, g.a)
+                W = torch.einsum("jsuo,js->juo", g.d, v)  # (m, T, o)
+                M = W.reshape(-1, W.shape[-1]).T @ g.a.reshape(-1, g.a.shape[-1])  # (o, k)
+                Y = g.a @ M.T  # (m, T, o)
+                out += torch.einsum("irto,ito->ir", g.d, Y)
         for rows in self.rows:
             out += torch.einsum("irp,p->ir", rows, torch.einsum("jsp,js->p", rows, v))
         return out.reshape(-1)
+
+    def split(self, r: int) -> tuple[GramFactors, GramFactors]:
+        """Factors of the first r rows and of the remaining rows (no copies)."""
+        head, tail = GramFactors(m=self.m, R=r), GramFactors(m=self.m, R=self.R - r)
+        for g in self.ghosts:
+            head.ghosts.append(_Ghost(a=g.a, d=g.d[:, :r], index=g.index))
+            tail.ghosts.append(_Ghost(a=g.a, d=g.d[:, r:], index=g.index))
+        for rows in self.rows:
+            head.rows.append(rows[:, :r])
+            tail.rows.append(rows[:, r:])
+        return head, tail
 
     def diag_blocks(self, chunk: int) -> torch.Tensor:
         """K_ii for all i, (m, R, R)."""

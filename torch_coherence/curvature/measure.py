@@ -168,6 +168,9 @@ def _stats_large(
             if s == t:
                 idx = torch.arange(blk.shape[0])
                 diag.append(blk[idx, :, idx, :])
+    if not torch.isfinite(S2).all():
+        bad = (~torch.isfinite(S2)).any(1).nonzero().flatten().tolist()
+        raise FloatingPointError(f"non-finite curvature at probe samples {bad[:20]}")
     Kii = torch.cat(diag)
     sample = torch.linalg.eigvalsh(0.5 * (Kii + Kii.transpose(1, 2)))[:, -1]
     gen = torch.Generator().manual_seed(0 if seed is None else seed)
@@ -309,32 +312,20 @@ def measure_curvature(
             chunk_size=chunk_size,
             outputs_check=_check_outputs,
         )
+        facs_g, facs_p = facs.split(R)
+        del facs
         gram = None
-        if m * (R + 1) <= DENSE_LIMIT:
-            Kx = facs.full()
-            if not torch.isfinite(Kx).all():
-                bad = (~torch.isfinite(Kx)).flatten(1).any(1).nonzero().flatten().tolist()
+        if m * R <= DENSE_LIMIT:
+            gram = facs_g.full()
+            if not torch.isfinite(gram).all():
+                bad = (~torch.isfinite(gram)).flatten(1).any(1).nonzero().flatten().tolist()
                 raise FloatingPointError(f"non-finite curvature at probe samples {bad[:20]}")
-            gram = Kx[:, :R, :, :R].contiguous()
-            P = Kx[:, R, :, R]
             stats = coherence_from_gram(gram, eig_method=eig_method)
             ggn = stats.sharpness
         else:
-            chunk = max(1, min(m, 4096 // (R + 1)))
-            Pparts = []
-            facs_g = GramFactors(m=m, R=R)
-            facs_p = GramFactors(m=m, R=1)
-            for g in facs.ghosts:
-                facs_g.ghosts.append(type(g)(a=g.a, d=g.d[:, :R], index=g.index))
-                facs_p.ghosts.append(type(g)(a=g.a, d=g.d[:, R:], index=g.index))
-            for rows in facs.rows:
-                facs_g.rows.append(rows[:, :R])
-                facs_p.rows.append(rows[:, R:])
-            del facs
-            for s in range(0, m, chunk):
-                Pparts.append(facs_p.block(slice(s, min(s + chunk, m)), slice(None))[:, 0, :, 0])
-            P = torch.cat(Pparts)
+            chunk = max(1, DENSE_LIMIT // R)
             stats, ggn = _stats_large(facs_g, chunk, eig_method, 1e-10, seed)
+        P = facs_p.full()[:, 0, :, 0]
         noise = _noise_scale(P)
         hess = None
         vec = None
