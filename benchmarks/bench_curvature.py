@@ -208,7 +208,7 @@ def child_ggn(tool: str, path: Path, repeats: int) -> dict[str, Any]:
         seconds, K = timed(lambda: ggn_backpack(model, x, y), 1)
         peak = peak_rss_mb()
         return {"seconds": seconds, "base": base, "peak": peak, "sigma": sigma_of_gram(K)}
-    from torch_coherence import measure_curvature
+    from torch_coherence.curvature import measure_curvature
 
     loss = nn.CrossEntropyLoss()
     measure_curvature(model, x[:8], y[:8], loss, sharpness=None)
@@ -278,9 +278,17 @@ def grad_gram_ghost(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
 
 
 def grad_gram_coherence(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    from torch_coherence.curvature import gram
+    """The engine's own path: per-sample output gradients as the one cotangent row of the
+    layer-rule Gram (internal functions; ``measure_curvature`` does this in the same pass)."""
+    from torch_coherence.curvature.gram import gram_factors
+    from torch_coherence.curvature.losses import output_gradients
 
-    return gram.gradient_gram(model, x, y, nn.CrossEntropyLoss())
+    loss = nn.CrossEntropyLoss()
+    with torch.no_grad():
+        out = model(x)
+    cot = output_gradients(loss, out, y).unsqueeze(2)  # (m, C, 1)
+    facs = gram_factors(model, x, cot, dict(model.named_parameters()))
+    return facs.full()[:, 0, :, 0]
 
 
 GRAD_GRAMS: dict[str, Callable[..., torch.Tensor]] = {
@@ -454,7 +462,7 @@ def run_eigen(path: Path, which: str) -> list[dict[str, Any]]:
 
 
 def child_big(tool: str, path: Path, repeats: int) -> dict[str, Any]:
-    from torch_coherence import measure_curvature
+    from torch_coherence.curvature import measure_curvature
 
     model, data = load(path, "mlp")
     x, y = data["big_x"], data["big_y"]
@@ -482,6 +490,7 @@ CHILDREN = {"ggn": child_ggn, "grad": child_grad_gram, "big": child_big}
 def in_child(part: str, tool: str, path: Path, repeats: int) -> dict[str, Any]:
     """Run one measurement in a fresh interpreter; return its JSON result or the error."""
     cmd = [sys.executable, __file__, "--child", part, tool, str(path), "--repeats", str(repeats)]
+    cmd += ["--threads", str(torch.get_num_threads())]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -618,7 +627,10 @@ def main() -> None:
     parser.add_argument(
         "--child", nargs=3, metavar=("PART", "TOOL", "DATA"), help=argparse.SUPPRESS
     )
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         part, tool, data = args.child
         print(json.dumps(CHILDREN[part](tool, Path(data), args.repeats)))
