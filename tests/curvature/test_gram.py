@@ -127,3 +127,25 @@ def test_gradient_noise_scale_from_per_sample_gradients():
     g2 = mean.square().sum() - tr_sigma / M  # unbiased |G|^2
     rep = measure.measure_curvature(model, x, y, loss, sharpness=None)
     assert rep.gradient_noise_scale == pytest.approx(float(tr_sigma / g2), rel=1e-9)
+
+
+def test_sketch_is_unbiased_and_error_shrinks_like_inverse_sqrt_k():
+    from torch_coherence.curvature.gram import sketch
+
+    model, x, y, loss = _problem("embed", "ce")
+    B = output_curvature(loss, model(x), y).sqrt
+    facs = gram_factors(model, x, B, dict(model.named_parameters()))
+    K = facs.full()
+    gen = torch.Generator().manual_seed(0)
+    errs = {}
+    for k in (8, 128):
+        samples = torch.stack([sketch(facs, k, gen).full() for _ in range(100)])
+        errs[k] = float(((samples - K).flatten(1).norm(dim=1) / K.norm()).mean())
+        if k == 8:  # unbiased: z-scores of the mean over 100 sketches
+            z = (samples.mean(0) - K) / (samples.std(0) / 10 + 1e-12)
+            assert z.abs().max() < 5.0
+    ratio = errs[8] / errs[128]  # 1/sqrt(k): sqrt(16) = 4
+    assert 3.0 < ratio < 5.3, errs
+    rep = measure.measure_curvature(model, x, y, loss, sketch_dim=256, sharpness="ggn", seed=0)
+    exact = measure.measure_curvature(model, x, y, loss, sharpness="ggn")
+    assert rep.ggn_sharpness == pytest.approx(exact.ggn_sharpness, rel=0.3)

@@ -308,3 +308,36 @@ def _fallback_rows(
 def flat_params(params: Sequence[torch.Tensor]) -> int:
     """Total number of entries."""
     return sum(p.numel() for p in params)
+
+
+def sketch(facs: GramFactors, k: int, generator: torch.Generator, chunk: int = 64) -> GramFactors:
+    r"""Randomized Gram: rows :math:`A_{ir}\Omega` with Gaussian :math:`\Omega` (d, k) / sqrt(k).
+
+    :math:`E[\Omega\Omega^\top] = I`, so :math:`\hat K = (A\Omega)(A\Omega)^\top` is unbiased for
+    K, with :math:`\mathrm{Var}\,\hat K_{ab} = (K_{aa}K_{bb} + K_{ab}^2)/k`: relative error
+    :math:`O(1/\sqrt k)` (Johnson-Lindenstrauss; Halko, Martinsson & Tropp 2011). Per-sample
+    gradients are never formed: a ghost layer's projection is
+    :math:`\sum_t \delta_{ir,t}^\top \Omega_l\, a_{i,t}` (chunked over samples).
+    """
+    m, R = facs.m, facs.R
+    Z = torch.zeros(m, R, k, dtype=torch.float64)
+    scale = 1.0 / k**0.5
+    for g in facs.ghosts:
+        o = g.d.shape[-1]
+        if g.index:
+            vocab = int(g.a.max()) + 1 if (g.a >= 0).any() else 1
+            om = torch.randn(vocab, o, k, generator=generator, dtype=torch.float64) * scale
+        else:
+            om = torch.randn(o, g.a.shape[-1], k, generator=generator, dtype=torch.float64) * scale
+        for s in range(0, m, chunk):
+            sl = slice(s, min(s + chunk, m))
+            if g.index:
+                ids = g.a[sl]
+                Y = om[ids.clamp_min(0)] * (ids >= 0).view(*ids.shape, 1, 1).to(om.dtype)
+            else:
+                Y = torch.einsum("itc,ocq->itoq", g.a[sl], om)
+            Z[sl] += torch.einsum("irto,itoq->irq", g.d[sl], Y)
+    for rows in facs.rows:
+        om = torch.randn(rows.shape[-1], k, generator=generator, dtype=torch.float64) * scale
+        Z += rows @ om
+    return GramFactors(m=m, R=R, rows=[Z])

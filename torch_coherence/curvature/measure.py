@@ -44,7 +44,7 @@ from torch import nn
 
 from ..coherence import CoherenceStats, _finish, coherence_from_gram
 from ..linalg import lanczos, top_eigenvalue
-from .gram import Forward, GramFactors, gram_factors
+from .gram import Forward, GramFactors, gram_factors, sketch
 from .losses import (
     check_loss,
     output_curvature,
@@ -231,12 +231,16 @@ def measure_curvature(
         n: training-set size; when n > m the report carries ``sigma_full``.
         factors: ``"exact"`` (all C rows of B_i) or ``"mc"`` (``mc_samples`` sampled labels;
             unbiased for the mean GGN, but biased for sigma and max_i lambda_1(H_i) —
-            MATH.md §3).
+            MATH.md §3: on the digits MLP (m = 256) one sampled label gave sigma 25-27
+            against the exact 223, max_i lambda_1(H_i) 21-23 against 4.1, and GGN
+            sharpness 1.69-1.84 against 1.69).
         mc_samples: sampled rows per sample for ``factors="mc"``.
         params: parameter names or tensors to measure (default: all trainable ones);
             frozen ones are dropped.
         chunk_size: samples per chunk of the fallback and of the large-m assembly.
-        sketch_dim: not implemented (must be None).
+        sketch_dim: k for a randomized Gram :math:`(A\Omega)(A\Omega)^\top` (unbiased for
+            K, relative error ~ 1/sqrt(k); see :func:`.gram.sketch`); the gradient Gram
+            stays exact. Only worthwhile when k is far below the parameter count.
         sharpness: ``"both"``, ``"hessian"``, ``"ggn"`` or None.
         tol: relative eigenvalue accuracy of the Hessian Lanczos.
         max_hvps: at most this many Hessian-vector products.
@@ -259,8 +263,8 @@ def measure_curvature(
         raise ValueError(f"factors must be 'exact' or 'mc', got {factors!r}")
     if sharpness not in ("both", "hessian", "ggn", None):
         raise ValueError(f"sharpness must be 'both', 'hessian', 'ggn' or None, got {sharpness!r}")
-    if sketch_dim is not None:
-        raise NotImplementedError("sketch_dim: the randomized sketch is not implemented yet")
+    if sketch_dim is not None and (not isinstance(sketch_dim, int) or sketch_dim < 1):
+        raise ValueError(f"sketch_dim must be a positive int or None, got {sketch_dim!r}")
     if factors == "mc" and (not isinstance(mc_samples, int) or mc_samples < 1):
         raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
     m = _length(inputs)
@@ -314,6 +318,9 @@ def measure_curvature(
         )
         facs_g, facs_p = facs.split(R)
         del facs
+        if sketch_dim is not None:
+            gen_s = torch.Generator().manual_seed(1 if seed is None else seed + 1)
+            facs_g = sketch(facs_g, sketch_dim, gen_s)
         gram = None
         if m * R <= DENSE_LIMIT:
             gram = facs_g.full()
