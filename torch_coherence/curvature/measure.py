@@ -28,7 +28,9 @@ without bias by :math:`\frac{n-1}{m-1}` times the probe's, so
 ("rescaled off-diagonal" estimator; exact for identical H_i, where it gives n, and for mutually
 orthogonal H_i, where it gives the probe value). The denominator is the probe maximum (the
 maximum over all n is at least as large, so the estimate leans high, i.e. conservative).
-Validated on all 1797 digits in ``tests/curvature/test_full_data.py``.
+Validated on all 1797 digits in ``tests/curvature/test_full_data.py`` (64-8-1 tanh MLP,
+BCE): exact sigma_n = 335.7; probes of m = 256 give sigma_m = 43-54 but estimates 300-380
+(errors 1-11%, 5 draws); m = 512: 329-359 (2-7%); m = 64: 316-427 (2-27%).
 """
 
 from __future__ import annotations
