@@ -17,6 +17,14 @@ blocks (MATH.md §3):
   ``vmap`` over samples of ``vjp``, ``vmap`` over the R cotangents), ``chunk_size`` samples at a
   time.
 
+Assumption of the layer rules: a covered module's weight and bias enter the model only
+through that module's own ``forward`` (calls are recorded by a forward hook; several calls are
+concatenated along t). Parameters shared between modules go to the fallback, and module
+subclasses (e.g. the ``out_proj`` of ``nn.MultiheadAttention``, whose weight is used outside
+its forward) are not covered. A weight that is *also* read directly by other code (manual
+weight tying such as ``F.linear(h, self.emb.weight)``) is not detected: pass such models with
+``params`` excluding it, or expect a wrong Gram for that parameter.
+
 The result is a :class:`GramFactors` object: :meth:`GramFactors.block` gives any block
 :math:`K_{IJ}` (so a large K is never formed: S and the diagonal blocks are assembled chunk
 by chunk) and :meth:`GramFactors.matvec` multiplies by K through the factor structure (for
