@@ -69,11 +69,29 @@ def _conv_ok(mod: nn.Module) -> bool:
     return mod.groups == 1 and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
 
 
+def _unfold2d(x: torch.Tensor, kernel, dilation, padding, stride) -> torch.Tensor:
+    """``F.unfold`` by strided slices (the CPU ``im2col`` kernel is far slower here).
+
+    Returns (m, C k_h k_w, L) in ``F.unfold``'s order (channel-major, then kernel offsets).
+    """
+    (kh, kw), (dh, dw), (ph, pw), (sh, sw) = kernel, dilation, padding, stride
+    xp = F.pad(x, (pw, pw, ph, ph))
+    ho = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    wo = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    cols = [
+        xp[:, :, i * dh : i * dh + sh * (ho - 1) + 1 : sh, j * dw : j * dw + sw * (wo - 1) + 1 : sw]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    out = torch.stack(cols, 2)  # (m, C, kh kw, ho, wo)
+    return out.reshape(x.shape[0], -1, ho * wo)
+
+
 def conv2d_rule(mod: nn.Module, x: torch.Tensor, w: bool, b: bool) -> GhostInput | None:
     """nn.Conv2d: a = unfolded patches (m, L, C_in k_h k_w)."""
     if not _conv_ok(mod) or x.dim() != 4:
         return None
-    cols = F.unfold(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+    cols = _unfold2d(x, mod.kernel_size, mod.dilation, mod.padding, mod.stride)
     return GhostInput(_with_ones(cols.transpose(1, 2), w, b))
 
 
@@ -81,7 +99,7 @@ def conv1d_rule(mod: nn.Module, x: torch.Tensor, w: bool, b: bool) -> GhostInput
     """nn.Conv1d as a (1, k) Conv2d."""
     if not _conv_ok(mod) or x.dim() != 3:
         return None
-    cols = F.unfold(
+    cols = _unfold2d(
         x.unsqueeze(2),
         (1, mod.kernel_size[0]),
         (1, mod.dilation[0]),
