@@ -274,7 +274,8 @@ def gram_factors(
             if ghost:
                 facs.ghosts.append(_Ghost(a=a, d=d, index=index))
             else:
-                facs.rows.append(torch.matmul(d.transpose(2, 3), a.unsqueeze(1)).reshape(m, R, -1))
+                dt = d.transpose(2, 3).reshape(m, R * o_dim, T)
+                facs.rows.append(torch.bmm(dt, a).reshape(m, R, -1))
     records.clear()
     if fallback:
         facs.rows.append(_fallback_rows(fwd, inputs, sqrt, fallback, chunk_size or 32))
