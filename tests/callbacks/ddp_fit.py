@@ -60,6 +60,7 @@ def main(out: Path) -> None:
     if not with_callback:
         if rank == 0:
             torch.save(trainer.lightning_module.state_dict(), out / "weights.pt")
+        _shutdown()
         return
     (out / f"history_{rank}.json").write_text(json.dumps(cb.history))
     gram = torch.randn(probe_size * 3, probe_size * 3, dtype=torch.float64)
@@ -72,6 +73,14 @@ def main(out: Path) -> None:
     (out / f"timing_{rank}.json").write_text(json.dumps(timing))
     if rank == 0:
         torch.save(trainer.lightning_module.state_dict(), out / "weights.pt")
+    _shutdown()
+
+
+def _shutdown() -> None:
+    """Leave gloo cleanly: exiting while the peer still holds connections can abort."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
