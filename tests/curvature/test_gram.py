@@ -83,6 +83,31 @@ def test_large_probe_path_equals_dense(monkeypatch):
     assert large.ggn_sharpness == pytest.approx(dense.ggn_sharpness, rel=1e-8)
     assert large.gradient_noise_scale == pytest.approx(dense.gradient_noise_scale, rel=1e-8)
     torch.testing.assert_close(large.stats.S, dense.stats.S, rtol=1e-9, atol=1e-12)
+    # odd block sizes (blocks straddling the diagonal) give the same S; return_gram forms K
+    for chunk in (1, 4, 5):
+        other = measure.measure_curvature(
+            model, x, y, loss, sharpness="ggn", chunk_size=chunk, return_gram=chunk == 5
+        )
+        torch.testing.assert_close(other.stats.S, dense.stats.S, rtol=1e-9, atol=1e-12)
+        assert other.stats.max_sample_sharpness == pytest.approx(
+            dense.stats.max_sample_sharpness, rel=1e-9
+        )
+        assert (other.gram is not None) == (chunk == 5)
+    torch.testing.assert_close(other.gram, dense.gram)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"chunk_size": 2.5}, "chunk_size"),
+        ({"return_gram": 1}, "return_gram"),
+    ],
+)
+def test_block_options_rejected(kwargs, name):
+    model, x, y, loss = _problem("mlp", "ce")
+    with pytest.raises(ValueError, match=name):
+        measure.measure_curvature(model, x, y, loss, **kwargs)
 
 
 def test_param_subset_and_frozen_params():

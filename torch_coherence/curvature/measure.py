@@ -14,7 +14,9 @@ estimators from P:
 :math:`\widehat{|G|^2} = \frac{1}{m(m-1)}\sum_{i\ne j} P_{ij}` and
 :math:`\widehat{\mathrm{tr}\Sigma} = \frac{1}{m-1}\big(\sum_i P_{ii} - m |\bar g|^2\big)`
 (the sample covariance trace). The ratio is consistent, not unbiased; it is ``inf`` when the
-estimate of :math:`|G|^2` is not positive.
+estimate of :math:`|G|^2` is not positive. P itself is never formed: only
+:math:`\sum_{ij} P_{ij} = \mathbf 1^\top P \mathbf 1` (one product through the factors) and
+:math:`\mathrm{tr} P` are needed.
 
 Full-data sigma (n > m). The probe S is an m x m sample of the n x n matrix S_n. With the
 probe rows drawn uniformly without replacement, the off-diagonal row sums of S_n are estimated
@@ -55,8 +57,15 @@ from .losses import (
     sampled_curvature,
 )
 
-#: K is formed whole when m * R is at most this (m R = 4096: 134 MB float64).
-DENSE_LIMIT = 4096
+#: K is formed whole when m * R is at most this (m R = 1024: 8.4 MB in float64). Above it,
+#: S and the diagonal blocks are assembled block by block and lambda_1(K) comes from Lanczos
+#: on K-products, so the peak memory is that of the layer factors plus one block, not of K:
+#: on the digits MLP (m = 256, C = 10, m R = 2560) forming K whole cost 218 MB above the
+#: baseline, the blockwise path 47 MB (``benchmarks/bench_curvature.py``, part a).
+DENSE_LIMIT = 1024
+
+#: Rows (m R) per block of the blockwise path: blocks of at most 1024 x 1024 (8.4 MB).
+BLOCK_ROWS = 1024
 
 
 @dataclass(frozen=True)
@@ -81,7 +90,8 @@ class CurvatureReport:
         n: the data-set size sigma_full refers to (m when not given).
         factors: ``"exact"`` or ``"mc"``.
         clipped_eigenvalue: most negative output-Hessian eigenvalue clipped (callable losses).
-        gram: the block Gram (m, R, m, R) when it was formed (small m), else None.
+        gram: the block Gram (m, R, m, R) when it was formed (m R <= 1024, or
+            ``return_gram=True``), else None.
     """
 
     stats: CoherenceStats
@@ -191,10 +201,12 @@ def _sigma_full(stats: CoherenceStats, n: int) -> float:
     return float(lam / stats.max_sample_sharpness)
 
 
-def _noise_scale(P: torch.Tensor) -> float:
-    m = P.shape[0]
-    total = float(P.sum())
-    tr = float(torch.diagonal(P).sum())
+def _noise_scale(facs_p: GramFactors, chunk: int) -> float:
+    """B_simple from the gradient factors without forming P: sum(P) = 1^T P 1, tr P."""
+    m = facs_p.m
+    ones = torch.ones(m, dtype=torch.float64)
+    total = float(ones @ facs_p.matvec(ones))
+    tr = float(facs_p.diag_blocks(chunk).sum())
     g2 = (total - tr) / (m * (m - 1))
     trace_sigma = (tr - total / m) / (m - 1)
     return trace_sigma / g2 if g2 > 0 else math.inf
@@ -219,6 +231,7 @@ def measure_curvature(
     eig_method: str = "auto",
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     seed: int | None = None,
+    return_gram: bool = False,
 ) -> CurvatureReport:
     r"""Coherence, sharpness and gradient noise scale of ``model`` on a probe batch.
 
@@ -239,7 +252,9 @@ def measure_curvature(
         mc_samples: sampled rows per sample for ``factors="mc"``.
         params: parameter names or tensors to measure (default: all trainable ones);
             frozen ones are dropped.
-        chunk_size: samples per chunk of the fallback and of the large-m assembly.
+        chunk_size: samples per chunk of the ``torch.func`` fallback and per block of the
+            blockwise assembly of S (default: 32 for the fallback; blocks of at most 1024
+            rows). Peak memory grows with it.
         sketch_dim: k for a randomized Gram :math:`(A\Omega)(A\Omega)^\top` (unbiased for
             K, relative error ~ 1/sqrt(k); see :func:`.gram.sketch`); the gradient Gram
             stays exact. Only worthwhile when k is far below the parameter count.
@@ -250,6 +265,9 @@ def measure_curvature(
         eig_method: eigen-solver for lambda_1(S) and lambda_1(K) (see ``coherence_from_gram``).
         forward_fn: ``forward_fn(model, inputs) -> outputs`` for non-tensor batches.
         seed: seed of MC labels and Lanczos start vectors.
+        return_gram: form the whole block Gram K and return it as ``report.gram`` even
+            when m R > 1024 (needed by :func:`torch_coherence.dynamics.mean_square_rate`;
+            costs (m R)^2 doubles plus temporaries).
 
     Returns:
         A frozen :class:`CurvatureReport`.
@@ -269,6 +287,12 @@ def measure_curvature(
         raise ValueError(f"sketch_dim must be a positive int or None, got {sketch_dim!r}")
     if factors == "mc" and (not isinstance(mc_samples, int) or mc_samples < 1):
         raise ValueError(f"mc_samples must be a positive int, got {mc_samples!r}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if not isinstance(return_gram, bool):
+        raise ValueError(f"return_gram must be a bool, got {return_gram!r}")
     m = _length(inputs)
     mt = _length(targets)
     if m != mt:
@@ -324,7 +348,7 @@ def measure_curvature(
             gen_s = torch.Generator().manual_seed(1 if seed is None else seed + 1)
             facs_g = sketch(facs_g, sketch_dim, gen_s)
         gram = None
-        if m * R <= DENSE_LIMIT:
+        if m * R <= DENSE_LIMIT or return_gram:
             gram = facs_g.full()
             if not torch.isfinite(gram).all():
                 bad = (~torch.isfinite(gram)).flatten(1).any(1).nonzero().flatten().tolist()
@@ -332,10 +356,9 @@ def measure_curvature(
             stats = coherence_from_gram(gram, eig_method=eig_method)
             ggn = stats.sharpness
         else:
-            chunk = max(1, DENSE_LIMIT // R)
+            chunk = chunk_size if chunk_size is not None else max(1, BLOCK_ROWS // R)
             stats, ggn = _stats_large(facs_g, chunk, eig_method, 1e-10, seed)
-        P = facs_p.full()[:, 0, :, 0]
-        noise = _noise_scale(P)
+        noise = _noise_scale(facs_p, chunk_size or BLOCK_ROWS)
         hess = None
         vec = None
         hvps = 0
