@@ -16,17 +16,6 @@ from torch_coherence.optim import SAM
 from torch_coherence.probe import CoherenceWarning
 
 
-@pytest.fixture(autouse=True)
-def _engine_until_landed(monkeypatch):
-    """TEMPORARY: use a stand-in engine while torch_coherence.curvature is missing."""
-    try:
-        from torch_coherence.curvature import measure_curvature  # noqa: F401
-    except ImportError:
-        from callbacks.helpers import fake_measure_curvature
-
-        monkeypatch.setattr("torch_coherence.probe._default_engine", fake_measure_curvature)
-
-
 def _data(n: int = 64) -> TensorDataset:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, 5, generator=gen)

@@ -9,7 +9,6 @@ design, splitting the Gram over ranks, would need); rank zero also writes the fi
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -40,12 +39,6 @@ class TimedCallback(CoherenceCallback):
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0)
-    if os.environ.get("TC_FAKE_ENGINE"):  # TEMPORARY until the engine lands
-        from callbacks.helpers import fake_measure_curvature
-
-        import torch_coherence.probe as probe
-
-        probe._default_engine = fake_measure_curvature
     probe_size = 32
     cb = TimedCallback(max_overhead=None, every_n_steps=3, probe_size=probe_size)
     with_callback = "--no-callback" not in sys.argv

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import time
-from types import SimpleNamespace
-
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev, vmap
 from torch.utils.data import DataLoader, TensorDataset
-
-from torch_coherence.coherence import coherence_from_factors
 
 N_TRAIN, N_FEATURES, N_CLASSES = 96, 8, 3
 
@@ -69,38 +63,3 @@ def trainer_kwargs(tmp_path, **kw) -> dict:
     )
     base.update(kw)
     return base
-
-
-# TEMPORARY stand-in engine (exact softmax-CE GGN factors via torch.func).
-
-
-def fake_measure_curvature(model, inputs, targets, loss, *, n=None, **kwargs):
-    t0 = time.perf_counter()
-    was = model.training
-    model.eval()
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    buffers = {k: v.detach() for k, v in model.named_buffers()}
-
-    def f(p, x):
-        return functional_call(model, (p, buffers), (x.unsqueeze(0),)).squeeze(0)
-
-    jac = vmap(jacrev(f), in_dims=(None, 0))(params, inputs)
-    J = torch.cat([j.reshape(j.shape[0], j.shape[1], -1) for j in jac.values()], dim=2)
-    if isinstance(loss, torch.nn.MSELoss):  # per-sample mean over C outputs: Lambda = 2/C I
-        A = J.double() * (2.0 / J.shape[1]) ** 0.5
-    else:
-        with torch.no_grad():
-            out = functional_call(model, (params, buffers), (inputs,))
-            p = torch.softmax(out, dim=1).double()
-        sq = p.sqrt()
-        Bm = torch.diag_embed(sq) - p.unsqueeze(2) * sq.unsqueeze(1)  # B B^T = Lambda
-        A = Bm.transpose(1, 2) @ J.double()
-    model.train(was)
-    stats = coherence_from_factors(A)
-    return SimpleNamespace(
-        stats=stats,
-        hessian_sharpness=None,
-        ggn_sharpness=stats.sharpness,
-        gradient_noise_scale=1.0,
-        seconds=time.perf_counter() - t0,
-    )

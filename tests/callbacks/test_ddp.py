@@ -21,10 +21,6 @@ HERE = Path(__file__).resolve().parent
 @pytest.mark.ddp
 def test_ddp_two_processes(tmp_path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    try:
-        from torch_coherence.curvature import measure_curvature  # noqa: F401
-    except ImportError:
-        env["TC_FAKE_ENGINE"] = "1"
     for out, extra in ((tmp_path, []), (tmp_path / "plain", ["--no-callback"])):
         out.mkdir(exist_ok=True)
         cmd = [sys.executable, str(HERE / "ddp_fit.py"), str(out), *extra]
