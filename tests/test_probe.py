@@ -259,3 +259,66 @@ def test_non_sgd_optimizer_noted_once() -> None:
         probe.run(nn.Linear(3, 2), adam, B)
     probe.count_step()
     assert probe.run(nn.Linear(3, 2), adam, B).messages == ()
+
+
+def _tiny_problem() -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 4, generator=gen)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)), (x, y)
+
+
+def test_default_engine_is_measure_curvature() -> None:
+    from torch_coherence.curvature import measure_curvature
+    from torch_coherence.theory import stability_report
+
+    model, (x, y) = _tiny_problem()
+    probe = CoherenceProbe(loss=nn.CrossEntropyLoss(), probe=(x, y), dataset_size=120)
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    res = probe.measure(model, opt, 6)
+    curv = measure_curvature(model, x, y, nn.CrossEntropyLoss(), n=120, sharpness=None, seed=0)
+    assert res.metrics["coherence/sigma"] == pytest.approx(curv.sigma_full, rel=1e-12)
+    assert res.metrics["sharpness/ggn"] == pytest.approx(curv.stats.sharpness, rel=1e-12)
+    ref = stability_report(curv.stats.sharpness, curv.sigma_full, 0.2, 6, 120)
+    assert res.metrics["stability/margin"] == pytest.approx(ref.margin, rel=1e-12)
+
+
+def test_mean_square_rate_gets_momentum_and_sam() -> None:
+    """rho(T) and the report use the optimizer's momentum and SAM's rho and alpha = ||grad||."""
+    from torch_coherence.curvature import measure_curvature
+    from torch_coherence.curvature.losses import per_sample_losses
+    from torch_coherence.dynamics import mean_square_rate
+
+    n, b, lr, beta, rho = 120, 6, 2.0, 0.5, 0.05  # a rate set by the top curvature
+    model, (x, y) = _tiny_problem()
+    loss = nn.CrossEntropyLoss()
+    curv = measure_curvature(model, x, y, loss, n=n, sharpness=None, seed=0, return_gram=True)
+
+    def rate_of(opt) -> tuple[float, object]:
+        probe = CoherenceProbe(loss=loss, probe=(x, y), dataset_size=n, mean_square_rate=True)
+        res = probe.measure(model, opt, b)
+        return res.metrics["stability/mean_square_rate"], res.report
+
+    plain, _ = rate_of(torch.optim.SGD(model.parameters(), lr=lr))
+    heavy, rep = rate_of(torch.optim.SGD(model.parameters(), lr=lr, momentum=beta))
+    assert plain == pytest.approx(mean_square_rate(curv.gram, lr, b, n=n), rel=1e-9)
+    assert heavy == pytest.approx(mean_square_rate(curv.gram, lr, b, n=n, momentum=beta), rel=1e-9)
+    assert heavy != pytest.approx(plain, rel=1e-3) and rep.momentum == beta
+
+    # SAM normalises its ascent by the gradient norm: alpha = |G|, estimated without the
+    # tr(Sigma)/m bias of the probe's mean gradient (|G|^2 = |g_m|^2 / (1 + B_simple / m)).
+    sam = SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=lr, momentum=beta)
+    model.eval()
+    g = torch.autograd.grad(per_sample_losses(loss, model(x), y).mean(), model.parameters())
+    model.train()
+    g2 = float(sum(t.double().square().sum() for t in g))
+    alpha = (g2 / (1 + curv.gradient_noise_scale / x.shape[0])) ** 0.5
+    sam_rate, rep = rate_of(sam)
+    assert rep.sam_rho == rho and rep.sam_alpha == pytest.approx(alpha, rel=1e-9)
+    assert 0 < alpha < g2**0.5
+    expected = mean_square_rate(curv.gram, lr, b, n=n, momentum=beta, sam_rho=rho, sam_alpha=alpha)
+    assert sam_rate == pytest.approx(expected, rel=1e-9)
+    assert sam_rate != pytest.approx(heavy, rel=1e-6)
+    for p in model.parameters():
+        assert p.grad is None  # the gradient for alpha left no trace

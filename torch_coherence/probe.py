@@ -10,8 +10,9 @@
 * the call into the curvature engine (:func:`torch_coherence.measure_curvature`), with the
   model's parameters, buffers, gradients, RNG and train/eval modes restored afterwards;
 * the stability report (:func:`torch_coherence.stability_report`) for the learning rate,
-  momentum and weight decay read from the optimizer's param groups, SAM's ``rho``, the batch
-  size and the data-set size;
+  momentum and weight decay read from the optimizer's param groups, SAM's ``rho`` (and its
+  normaliser alpha, the gradient norm, measured on the probe), the batch size and the
+  data-set size;
 * the metrics (one flat dict with fixed tag names), the warnings with hysteresis, the action
   on instability and the history that ``state_dict`` saves.
 
@@ -230,7 +231,9 @@ class CoherenceProbe:
             Gram only, the cheapest).
         seed: seed of the probe-batch draw and of the engine.
         mean_square_rate: also log rho(T), the exact mean-square rate of the linearized
-            dynamics, when :mod:`torch_coherence.dynamics` is available.
+            dynamics (with the optimizer's momentum and SAM's rho and normaliser, as in the
+            report), when :mod:`torch_coherence.dynamics` is available; the engine then
+            returns the whole block Gram, (m R)^2 doubles.
         forward_fn: ``forward_fn(model, inputs) -> outputs`` when ``model(inputs)`` is not the
             forward pass the loss expects.
         engine_kwargs: further keyword arguments for :func:`torch_coherence.measure_curvature`.
@@ -436,6 +439,7 @@ class CoherenceProbe:
         n = int(self.dataset_size)  # type: ignore[arg-type]
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         inputs, targets = self._batch_on(device)
+        m = _length(inputs)
         kwargs = dict(self.engine_kwargs)
         kwargs.setdefault("sharpness", self.sharpness)
         kwargs.setdefault("seed", self.seed)
@@ -443,8 +447,15 @@ class CoherenceProbe:
             kwargs.setdefault("forward_fn", self.forward_fn)
         if self._warm_vector is not None and kwargs["sharpness"] is not None:
             kwargs.setdefault("init_vector", self._warm_vector)
+        if self.mean_square_rate:
+            kwargs.setdefault("return_gram", True)  # rho(T) needs K even when m R > 1024
+        probe_grad_sq = None
         with _preserved(model):
             curv = self._engine(model, inputs, targets, self.loss, n=n, **kwargs)
+            if hyper["sam_rho"] is not None:
+                probe_grad_sq = _mean_gradient_sq_norm(
+                    model, inputs, targets, self.loss, self.forward_fn
+                )
         self.last_curvature = curv
         warm = getattr(curv, "sharpness_vector", None)
         self._warm_vector = warm if isinstance(warm, torch.Tensor) else None
@@ -459,14 +470,19 @@ class CoherenceProbe:
         # Weight decay wd adds wd * I to the Hessian of the regularised loss.
         sharp = max(ggn, 0.0) + float(hyper["weight_decay"] or 0.0)
         b = min(max(float(batch_size), 1.0), float(n))
+        momentum = min(float(hyper["momentum"] or 0.0), 0.999999)
+        sam_alpha = 1.0
+        if probe_grad_sq is not None:
+            sam_alpha = _sam_alpha(probe_grad_sq, getattr(curv, "gradient_noise_scale", None), m)
         report = stability_report(
             sharp,
             max(sigma, 1.0),
             float(hyper["lr"]),  # type: ignore[arg-type]
             b,
             n,
-            momentum=min(float(hyper["momentum"] or 0.0), 0.999999),
+            momentum=momentum,
             sam_rho=hyper["sam_rho"],
+            sam_alpha=sam_alpha,
         )
         metrics: dict[str, float] = {
             "coherence/sigma": float(sigma),
@@ -487,7 +503,7 @@ class CoherenceProbe:
             }
         )
         if self.mean_square_rate:
-            rate = _mean_square_rate(curv, report.lr, b, n)
+            rate = _mean_square_rate(curv, report.lr, b, n, momentum, hyper["sam_rho"], sam_alpha)
             if rate is not None:
                 metrics["stability/mean_square_rate"] = rate
         gns = getattr(curv, "gradient_noise_scale", None)
@@ -739,8 +755,64 @@ def _full_data_sigma(curv: Any) -> float:
     return float(curv.stats.sigma)
 
 
-def _mean_square_rate(curv: Any, lr: float, batch_size: float, n: int) -> float | None:
-    """rho(T) from :mod:`torch_coherence.dynamics` when it and the Gram are available."""
+def _mean_gradient_sq_norm(
+    model: nn.Module,
+    inputs: Any,
+    targets: Any,
+    loss: Any,
+    forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None,
+) -> float:
+    """|g_m|^2: squared norm of the gradient of the probe's mean loss (model as it is now).
+
+    The per-sample losses are the engine's (:func:`.curvature.losses.per_sample_losses`, whose
+    mean is the training loss with ``reduction="mean"``), over all trainable parameters, so
+    that ``m^2 |g_m|^2`` is the sum of the engine's per-sample gradient Gram P.
+    """
+    from .curvature.losses import per_sample_losses
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        outputs = forward_fn(model, inputs) if forward_fn is not None else model(inputs)
+        mean = per_sample_losses(loss, outputs, targets).mean()
+        grads = torch.autograd.grad(mean, params, allow_unused=True)
+    return float(sum(g.double().square().sum() for g in grads if g is not None))
+
+
+def _sam_alpha(probe_grad_sq: float, noise_scale: Any, m: int) -> float:
+    """SAM's normaliser alpha: the norm of the gradient of the (full-data) training loss.
+
+    Our :class:`~torch_coherence.optim.SAM` ascends to ``w + rho g / ||g||``. Linearised
+    (paper 002, Theorem C.8; MATH.md §4) one step is ``J = I - eta H_t (I + (rho/alpha) H)``,
+    the ascent through the mean Hessian H, i.e. the full gradient ``g = H w``, divided by
+    ``alpha = ||g||``. ``alpha = 1`` would be *unnormalised* SAM (``e = rho g``).
+
+    The probe batch's mean gradient over-estimates it: ``E|g_m|^2 = |G|^2 + tr(Sigma)/m``.
+    With the engine's gradient noise scale ``B_simple = tr(Sigma)/|G|^2`` (both estimated from
+    the same per-sample gradients), the unbiased estimate is
+    ``|G|^2 = |g_m|^2 / (1 + B_simple/m)`` (exactly the engine's
+    ``sum_{i != j} P_ij / (m (m - 1))``). Where that estimate is not positive (``B_simple``
+    infinite: the gradient is below the noise) ``|g_m|`` is used.
+    """
+    g2 = max(probe_grad_sq, 0.0)
+    if noise_scale is not None and math.isfinite(float(noise_scale)) and float(noise_scale) > 0:
+        g2 = g2 / (1.0 + float(noise_scale) / m)
+    return max(math.sqrt(g2), 1e-12)
+
+
+def _mean_square_rate(
+    curv: Any,
+    lr: float,
+    batch_size: float,
+    n: int,
+    momentum: float,
+    sam_rho: float | None,
+    sam_alpha: float,
+) -> float | None:
+    """rho(T) from :mod:`torch_coherence.dynamics` when it and the Gram are available.
+
+    With the optimizer's heavy-ball momentum and, for SAM, its radius and normaliser
+    (:func:`_sam_alpha`), as in the stability report.
+    """
     gram = getattr(curv, "gram", None)
     if gram is None:
         return None
@@ -748,7 +820,9 @@ def _mean_square_rate(curv: Any, lr: float, batch_size: float, n: int) -> float 
         from .dynamics import mean_square_rate
     except ImportError:
         return None
-    value = mean_square_rate(gram, lr, batch_size, n=n)
+    value = mean_square_rate(
+        gram, lr, batch_size, n=n, momentum=momentum, sam_rho=sam_rho, sam_alpha=sam_alpha
+    )
     value = float(getattr(value, "rate", value))
     return value if math.isfinite(value) else None
 
