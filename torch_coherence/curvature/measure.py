@@ -59,13 +59,14 @@ from .losses import (
 
 #: K is formed whole when m * R is at most this (m R = 1024: 8.4 MB in float64). Above it,
 #: S and the diagonal blocks are assembled block by block and lambda_1(K) comes from Lanczos
-#: on K-products, so the peak memory is that of the layer factors plus one block, not of K:
+#: on K-products, so the peak memory is that of the layer factors plus a few blocks, not of K:
 #: on the digits MLP (m = 256, C = 10, m R = 2560) forming K whole cost 218 MB above the
-#: baseline, the blockwise path 47 MB (``benchmarks/bench_curvature.py``, part a).
+#: baseline, the blockwise path 15-16 MB with 512-row blocks and 47-62 MB with 1024-row
+#: blocks, at the same speed (``benchmarks/bench_curvature.py``, part a).
 DENSE_LIMIT = 1024
 
-#: Rows (m R) per block of the blockwise path: blocks of at most 1024 x 1024 (8.4 MB).
-BLOCK_ROWS = 1024
+#: Rows (m R) per block of the blockwise path: blocks of at most 512 x 512 (2.1 MB).
+BLOCK_ROWS = 512
 
 
 @dataclass(frozen=True)
@@ -253,7 +254,7 @@ def measure_curvature(
         params: parameter names or tensors to measure (default: all trainable ones);
             frozen ones are dropped.
         chunk_size: samples per chunk of the ``torch.func`` fallback and per block of the
-            blockwise assembly of S (default: 32 for the fallback; blocks of at most 1024
+            blockwise assembly of S (default: 32 for the fallback; blocks of at most 512
             rows). Peak memory grows with it.
         sketch_dim: k for a randomized Gram :math:`(A\Omega)(A\Omega)^\top` (unbiased for
             K, relative error ~ 1/sqrt(k); see :func:`.gram.sketch`); the gradient Gram
