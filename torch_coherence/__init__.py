@@ -23,10 +23,16 @@ from .curvature import CurvatureReport, measure_curvature
 
 # dynamics
 from .dynamics import (
+    LyapunovEstimate,
     PhaseDiagram,
     SimulationResult,
+    TypicalCriticalBatchSize,
+    TypicalCriticalLR,
     critical_batch_size_exact,
+    critical_batch_size_typical,
     critical_lr_exact,
+    critical_lr_typical,
+    lyapunov_exponent,
     mean_square_rate,
     phase_diagram,
     simulate_linearized_sgd,
@@ -69,7 +75,13 @@ __all__ = [
     "theorem2_bound",
     # dynamics
     "critical_batch_size_exact",
+    "critical_batch_size_typical",
     "critical_lr_exact",
+    "critical_lr_typical",
+    "lyapunov_exponent",
+    "LyapunovEstimate",
+    "TypicalCriticalBatchSize",
+    "TypicalCriticalLR",
     "mean_square_rate",
     "PhaseDiagram",
     "SimulationResult",

@@ -4,9 +4,23 @@
 * :func:`critical_lr_exact`, :func:`critical_batch_size_exact`: where rho(T) = 1.
 * :func:`simulate_linearized_sgd`: Monte-Carlo runs of Definition 1 (paper 000).
 * :func:`phase_diagram`: the paper's Section 5 experiments.
+* :func:`lyapunov_exponent`: the top Lyapunov exponent gamma (typical-run stability).
+* :func:`critical_lr_typical`, :func:`critical_batch_size_typical`: where gamma = 0.
 """
 
 from .curvature_space import CoefficientCurvature, as_coefficient_curvature
+from .lyapunov import (
+    LyapunovEstimate,
+    LyapunovPrecisionWarning,
+    TypicalCriticalBatchSize,
+    TypicalCriticalLR,
+    critical_batch_size_typical,
+    critical_lr_typical,
+    disagreement_demo,
+    lyapunov_exponent,
+    section51_lyapunov,
+    stability_verdict,
+)
 from .operator import (
     NonMonotoneRateWarning,
     critical_batch_size_exact,
@@ -19,15 +33,25 @@ from .simulate import SimulationResult, simulate_linearized_sgd
 
 __all__ = [
     "CoefficientCurvature",
+    "LyapunovEstimate",
+    "LyapunovPrecisionWarning",
     "NonMonotoneRateWarning",
     "PhaseDiagram",
     "SimulationResult",
+    "TypicalCriticalBatchSize",
+    "TypicalCriticalLR",
     "as_coefficient_curvature",
     "critical_batch_size_exact",
+    "critical_batch_size_typical",
     "critical_lr_exact",
+    "critical_lr_typical",
+    "disagreement_demo",
+    "lyapunov_exponent",
     "mean_square_rate",
     "phase_diagram",
     "sampling_coefficients",
     "section51_diagonals",
+    "section51_lyapunov",
     "simulate_linearized_sgd",
+    "stability_verdict",
 ]

@@ -11,7 +11,10 @@ Each cell (eta, sigma, B) is run ``repeats`` times for up to ``steps`` steps wit
 simulated together through the sparse diagonal fast path. Each cell also gets the Theorem 1
 verdict (sharpness 2 above the GD or Theorem 1 threshold), the Theorem 2 verdict (2 below
 the bound, where paper 000 proves that this construction converges in mean square for
-Bernoulli sampling) and the exact rho(T) of :func:`mean_square_rate`.
+Bernoulli sampling), the exact rho(T) of :func:`mean_square_rate` (mean-square stability)
+and the exact top Lyapunov exponent gamma of :func:`section51_lyapunov` (typical-run
+stability: the §5.1 Jacobians are diagonal, so gamma = max over coordinates of E log|j|
+without sampling; the same formula :func:`lyapunov_exponent` uses for commuting curvature).
 
 Paper 002 C.3 repeats the experiment for SAM and noise-injected SGD (``optimizer``).
 """
@@ -29,6 +32,7 @@ import torch
 from .._validation import check_positive, check_sample_count
 from ..theory import gd_threshold, sam_threshold, theorem1_threshold, theorem2_bound
 from .curvature_space import as_coefficient_curvature
+from .lyapunov import section51_lyapunov
 from .operator import check_sampling, mean_square_rate
 from .simulate import check_optimizer, check_run_options, majority_label, run_trajectories
 
@@ -96,40 +100,6 @@ def section51_diagonals(n: int, sigma: int) -> torch.Tensor:
     cols = torch.cat([torch.zeros(s, dtype=torch.long), torch.arange(1, n - s + 1)])
     D[torch.arange(n), cols] = 2.0 * n / s
     return D
-
-
-def section51_lyapunov(
-    n: int, sigma: int, lr: float, batch_size: int, sampling: str, sam_q: float = 0.0
-) -> float:
-    """Top Lyapunov exponent lim (1/k) log||w_k|| of the §5.1 construction (almost surely).
-
-    Every coordinate a multiplies by its own i.i.d. factor j_a, so the exponent is
-    max_a E log|j_a| (MATH.md §7: the *typical* growth rate, not the mean-square one).
-    Coordinate 1: j = 1 - (eta m / B)(1 + 2 q) X with X the number of the sigma coherent
-    samples in the batch (binomial(sigma, B/n) for Bernoulli, hypergeometric without
-    replacement); every other coordinate: j = 1 - (eta m / B)(1 + 2 q / sigma) with
-    probability B/n, else 1. -inf when a factor can be exactly 0.
-    """
-    m = 2.0 * n / sigma
-    c = lr * m / batch_size
-    p = batch_size / n
-
-    def log_abs(x: float) -> float:
-        return math.log(abs(x)) if x != 0 else -math.inf
-
-    first = 0.0
-    for x in range(sigma + 1):
-        if sampling == "bernoulli":
-            prob = math.comb(sigma, x) * p**x * (1 - p) ** (sigma - x)
-        else:
-            ways = math.comb(n - sigma, batch_size - x) if batch_size - x >= 0 else 0
-            prob = math.comb(sigma, x) * ways / math.comb(n, batch_size)
-        if prob > 0:
-            first += prob * log_abs(1.0 - c * (1.0 + 2.0 * sam_q) * x)
-    if sigma == n:
-        return first
-    other = p * log_abs(1.0 - c * (1.0 + 2.0 * sam_q / sigma))
-    return max(first, other)
 
 
 @dataclass(frozen=True)
