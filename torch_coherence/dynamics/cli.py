@@ -1,9 +1,12 @@
-"""``torch-coherence reproduce figure1 | figure2 | sam``: the papers' Section 5 experiments.
+"""``torch-coherence reproduce figure1 | figure2 | sam | disagree``: the papers' Section 5.
 
 Writes ``<figure>.csv`` (one row per cell, both samplings unless ``--sampling`` picks one),
 ``<figure>.png`` (red: diverged, blue: converged, grey: undecided; Theorem 1 solid,
-Theorem 2 dashed, rho(T) = 1 dotted) and ``<figure>_agreement.csv`` (the measured
-agreement of the theory with the simulation) into ``--out``.
+Theorem 2 dashed, rho(T) = 1 yellow dotted: mean-square boundary, gamma = 0 white
+dash-dotted: typical-run boundary, the top Lyapunov exponent) and
+``<figure>_agreement.csv`` (the measured agreement of the theory with the simulation) into
+``--out``. ``disagree`` prints the MATH.md §4 example where the two notions disagree
+(rho(T) > 1 while gamma < 0) and writes nothing.
 """
 
 from __future__ import annotations
@@ -88,14 +91,21 @@ def _plot(figure: str, panels: list[dict], results: dict, path: Path, n: int) ->
             xi = {v: k for k, v in enumerate(xs)}
             lab = np.zeros((len(ys), len(xs)))
             rho = np.zeros((len(ys), len(xs)))
+            lyap = np.zeros((len(ys), len(xs)))
             for row in rows:
                 a, b = yi[row[key]], xi[row["B"]]
                 lab[a, b], rho[a, b] = code[row["label"]], row["rho"]
+                # -inf (a factor exactly 0 with positive probability): any negative value
+                lyap[a, b] = max(row["lyapunov"], -1.0)
             ax.pcolormesh(xs, ys, lab, cmap=cmap, vmin=0, vmax=2, shading="nearest")
             _lines(ax, panel, np.linspace(min(xs), max(xs), 400), n, axis)
             ax.contour(xs, ys, rho, levels=[1.0], colors="yellow", linestyles=":",
                        linewidths=1.8)  # fmt: skip
-            ax.plot([], [], color="yellow", ls=":", label="rho(T) = 1")
+            ax.plot([], [], color="yellow", ls=":", label="rho(T) = 1 (mean square)")
+            if (lyap > 0).any() and (lyap <= 0).any():
+                ax.contour(xs, ys, lyap, levels=[0.0], colors="white", linestyles="-.",
+                           linewidths=1.5)  # fmt: skip
+            ax.plot([], [], color="white", ls="-.", label="gamma = 0 (typical run)")
             ax.set_ylim(min(ys), max(ys))
             ax.set_xlim(min(xs), max(xs))
             if axis == "eta":
@@ -104,7 +114,7 @@ def _plot(figure: str, panels: list[dict], results: dict, path: Path, n: int) ->
             ax.set_ylabel("coherence sigma" if axis == "sigma" else "learning rate eta")
             ax.set_title(f"{panel['title']} ({sampling})", fontsize=9)
             if i == 0 and j == 0:
-                ax.legend(fontsize=7, loc="lower right")
+                ax.legend(fontsize=7, loc="lower right", facecolor="#dddddd")
     fig.suptitle(f"{figure}: red diverged, blue converged, n = {n}",
                  fontsize=10)  # fmt: skip
     fig.tight_layout()
@@ -114,6 +124,12 @@ def _plot(figure: str, panels: list[dict], results: dict, path: Path, n: int) ->
 
 def _run_reproduce(args: argparse.Namespace) -> int:
     from .phase import PHASE_COLUMNS, phase_diagram
+
+    if args.figure == "disagree":
+        from .lyapunov import disagreement_demo
+
+        print(disagreement_demo())
+        return 0
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -150,12 +166,12 @@ def _run_reproduce(args: argparse.Namespace) -> int:
           f"{out / (args.figure + '.csv')}, {out / (args.figure + '.png')}")  # fmt: skip
     print(
         "sampling             panel                        T1 cells diverged  "
-        "T2 cells converged  rho>1 == diverged  lyapunov>0 == diverged"
+        "T2 cells converged  rho>1 == diverged  gamma>0 == diverged"
     )
     for a in agree_rows:
         print(f"{a['sampling']:<20} {a['panel']:<28} {_pct(a['theorem1_diverged']):>17}  "
               f"{_pct(a['theorem2_converged']):>18}  {_pct(a['rho_agreement']):>17}  "
-              f"{_pct(a['lyapunov_agreement']):>22}")  # fmt: skip
+              f"{_pct(a['lyapunov_agreement']):>19}")  # fmt: skip
     return 0
 
 
@@ -170,7 +186,7 @@ def add_reproduce(sub: argparse._SubParsersAction) -> None:
         help="reproduce the papers' Section 5 phase diagrams (CSV + PNG)",
         description=sys.modules[__name__].__doc__,
     )
-    p.add_argument("figure", choices=FIGURES)
+    p.add_argument("figure", choices=(*FIGURES, "disagree"))
     p.add_argument("--sampling", choices=("both", "bernoulli", "without_replacement"),
                    default="both")  # fmt: skip
     p.add_argument("--out", default=".", help="output directory (default: current)")
