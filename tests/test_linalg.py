@@ -80,3 +80,22 @@ def test_bad_arguments() -> None:
         linalg.lanczos(lambda x: x[:2], torch.ones(3))
     assert linalg.resolve_eig_method("auto", 10) == "exact"
     assert linalg.resolve_eig_method("auto", linalg.AUTO_EXACT_MAX + 1) == "lanczos"
+
+
+def test_symmetric_eigh_falls_back_to_scipy_when_lapack_fails(monkeypatch):
+    """A LinAlgError from torch's syevd is answered by SciPy's MRRR driver, same pairs."""
+    from torch_coherence.linalg import symmetric_eigh
+
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(30, 30, generator=gen, dtype=torch.float64)
+    A = X @ X.T
+    ref_w, _ = torch.linalg.eigh(A)
+
+    def failing(_):
+        raise torch.linalg.LinAlgError("syevd failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing)
+    w, V = symmetric_eigh(A)
+    torch.testing.assert_close(w, ref_w, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(V @ torch.diag(w) @ V.T, A, rtol=1e-10, atol=1e-10)
+    assert w.dtype == A.dtype

@@ -33,6 +33,7 @@ __all__ = [
     "lanczos",
     "power_iteration",
     "resolve_eig_method",
+    "symmetric_eigh",
     "symmetric_min_eigenvalue",
     "top_eigenvalue",
 ]
@@ -266,3 +267,30 @@ def top_eigenvalue(
 def symmetric_min_eigenvalue(matrix: torch.Tensor) -> float:
     """Smallest eigenvalue of a dense symmetric matrix (float64, dense solver)."""
     return float(torch.linalg.eigvalsh(_dense_matrix(matrix, "matrix"))[0])
+
+
+def symmetric_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of a dense symmetric matrix, robustly.
+
+    ``torch.linalg.eigh`` (LAPACK ``syevd``, divide and conquer) can fail to converge on
+    matrices with large clusters of (nearly) equal eigenvalues and raises ``LinAlgError``
+    (seen on the Gram of rotated Section 5.1 factors); SciPy's ``eigh`` with the ``evr``
+    driver (MRRR) and then ``ev`` (QR iteration) is tried before giving up.
+    """
+    try:
+        return torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError as first:
+        import numpy as np
+        import scipy.linalg
+
+        a = matrix.detach().cpu().numpy()
+        for driver in ("evr", "ev"):
+            try:
+                w, v = scipy.linalg.eigh(a, driver=driver)
+            except np.linalg.LinAlgError:
+                continue
+            return (
+                torch.from_numpy(w).to(matrix.device, matrix.dtype),
+                torch.from_numpy(v).to(matrix.device, matrix.dtype),
+            )
+        raise first

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._validation import check_finite_tensor, default_tol
+from ..linalg import symmetric_eigh
 
 __all__ = ["CURVATURE_KINDS", "CoefficientCurvature", "as_coefficient_curvature"]
 
@@ -70,7 +71,7 @@ def _from_gram(K: torch.Tensor, m: int, C: int, kind: str, rel: float) -> Coeffi
     if not torch.allclose(Kf, Kf.T, rtol=0.0, atol=atol):
         raise ValueError("gram must be symmetric (K_ij = A_i A_j^T)")
     Kf = 0.5 * (Kf + Kf.T)
-    lam, U = torch.linalg.eigh(Kf)
+    lam, U = symmetric_eigh(Kf)
     top = float(lam[-1]) if lam.numel() else 0.0
     if lam.numel() and float(lam[0]) < -max(rel, 1e-9) * max(top, 1e-300):
         raise ValueError(f"gram must be positive semidefinite, smallest eigenvalue {float(lam[0])}")
@@ -98,7 +99,7 @@ def _from_hessians(H: torch.Tensor, rel: float) -> CoefficientCurvature:
         raise ValueError(
             f"hessians must be positive semidefinite, smallest eigenvalue {float(lam_i.min())}"
         )
-    lam, U = torch.linalg.eigh(H.sum(0))
+    lam, U = symmetric_eigh(H.sum(0))
     keep = lam > _range_tol(float(lam[-1]), d, rel)
     Q = U[:, keep]
     # G_i = diag(sqrt(lam_i)) V_i^T Q, a square root of Q^T H_i Q
