@@ -128,3 +128,23 @@ def test_explicit_tensors_need_dataset_size() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert monitor.step(torch.optim.SGD(_model().parameters(), lr=0.01), 8) is None
+
+
+def test_shared_options_have_the_probes_names_and_defaults() -> None:
+    """CoherenceMonitor and CoherenceCallback take the probe's options as it documents them."""
+    import inspect
+
+    from torch_coherence.callbacks import CoherenceCallback
+    from torch_coherence.probe import SHARED_OPTIONS, CoherenceProbe
+
+    probe = inspect.signature(CoherenceProbe).parameters
+    for cls in (CoherenceMonitor, CoherenceCallback):
+        params = inspect.signature(cls).parameters
+        for name in SHARED_OPTIONS:
+            assert params[name].default == probe[name].default, (cls.__name__, name)
+            assert params[name].annotation == probe[name].annotation, (cls.__name__, name)
+        for name in ("loss", "probe", "dataset_size"):
+            assert name in params
+    cb = CoherenceCallback(every_n_steps=7, max_overhead=None, seed=3, sharpness="ggn")
+    assert (cb.probe.every_n_steps, cb.probe.max_overhead, cb.probe.seed) == (7, None, 3)
+    assert cb.probe.sharpness == "ggn"

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .callbacks._tensorboard import add_layout, add_phase_plane, add_scalars, add_warnings
-from .probe import CoherenceProbe, ProbeResult
+from .probe import CoherenceProbe, ProbeResult, shared_options
 
 __all__ = ["CoherenceMonitor"]
 
@@ -42,8 +42,12 @@ class CoherenceMonitor:
         writer: optional :class:`torch.utils.tensorboard.SummaryWriter`: scalars, the
             custom-scalars layout, warnings as text and (:meth:`log_figure`) the phase plane.
         every_n_steps, max_overhead, probe_size, on_unstable, margin_warning, lr_safety,
-            sharpness, seed, mean_square_rate, forward_fn, engine_kwargs: as for
-            :class:`~torch_coherence.probe.CoherenceProbe`.
+            sharpness, seed, mean_square_rate, forward_fn, engine_kwargs: the probe's
+            options (:data:`~torch_coherence.probe.SHARED_OPTIONS`), documented and
+            validated by :class:`~torch_coherence.probe.CoherenceProbe`; same defaults.
+
+    Raises:
+        ValueError: an invalid argument, named in the message.
 
     Attributes:
         should_stop: set when ``on_unstable="stop"`` and the margin crossed 1.
@@ -59,7 +63,7 @@ class CoherenceMonitor:
         *,
         writer: Any = None,
         every_n_steps: int = 100,
-        max_overhead: float | None = 0.03,
+        max_overhead: float | None = 0.01,
         probe_size: int = 64,
         on_unstable: str = "warn",
         margin_warning: float | None = 0.8,
@@ -85,20 +89,7 @@ class CoherenceMonitor:
         self.writer = writer
         self.should_stop = False
         self.probe = CoherenceProbe(
-            loss=loss,
-            probe=probe,
-            probe_size=probe_size,
-            dataset_size=dataset_size,
-            every_n_steps=every_n_steps,
-            max_overhead=max_overhead,
-            on_unstable=on_unstable,
-            margin_warning=margin_warning,
-            lr_safety=lr_safety,
-            sharpness=sharpness,
-            seed=seed,
-            mean_square_rate=mean_square_rate,
-            forward_fn=forward_fn,
-            engine_kwargs=engine_kwargs,
+            loss=loss, probe=probe, dataset_size=dataset_size, **shared_options(locals())
         )
         self._layout_written = False
 

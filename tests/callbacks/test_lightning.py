@@ -46,6 +46,26 @@ def test_fit_logs_tags_to_tensorboard(tmp_path) -> None:
     assert "custom_scalars__config__" in acc.Tags()["tensors"]
 
 
+@pytest.mark.parametrize(("max_overhead", "figures"), [(None, [12, 18]), (1e-4, [])])
+def test_phase_plane_only_after_new_probes_and_within_budget(
+    tmp_path, max_overhead, figures
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cb = CoherenceCallback(max_overhead=max_overhead, every_n_steps=9, probe_size=16)
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    _fit(tmp_path, TinyClassifier(), [cb], logger=logger, max_epochs=4, max_steps=-1)
+    assert cb.history[0]["step"] == 9  # the first probe is not subject to the budget
+    (event_file,) = glob.glob(str(tmp_path / "tb" / "version_0" / "events.*"))
+    acc = EventAccumulator(event_file, size_guidance={"images": 0})
+    acc.Reload()
+    images = acc.Tags()["images"]
+    # 6 steps an epoch: probes at steps 9 and 18 (epochs 2 and 3), none in epochs 1 and 4;
+    # with a budget of 0.01 % no figure (about 0.1 s) fits
+    steps = [e.step for e in acc.Images("coherence/phase_plane")] if images else []
+    assert steps == figures
+
+
 def test_warns_above_critical_lr_not_at_half(tmp_path) -> None:
     torch.manual_seed(0)
     model = TinyClassifier(norm=False)

@@ -17,12 +17,13 @@ train dataloader, the loggers and the other ranks.
 Distributed training: rank zero measures on the (identical) module replica and broadcasts
 the small :class:`~torch_coherence.probe.ProbeResult`; every rank then commits it, so the
 history, the hysteresis, ``should_stop`` and learning-rate changes agree across ranks, and
-the metrics are logged once (``docs/quickstart.md`` gives the measurement behind this
+the metrics are logged once (``docs/overhead.md`` gives the measurement behind this
 choice).
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -30,14 +31,19 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
+from torch import nn
 
-from ..probe import CoherenceProbe, CoherenceWarning, ProbeResult
+from ..probe import CoherenceProbe, CoherenceWarning, ProbeResult, shared_options
 from ._tensorboard import MARGIN_LIMIT_TAG, add_layout, add_phase_plane, add_warnings, is_writer
 
 __all__ = ["LOSS_ATTRIBUTES", "CoherenceCallback"]
 
 #: LightningModule attributes searched, in order, for the loss when ``loss`` is not given.
 LOSS_ATTRIBUTES = ("loss_fn", "criterion")
+
+#: Assumed seconds of the first phase-plane figure, before one has been timed (measured:
+#: 0.12 s on one CPU thread, 0.07 s building the figure and 0.05 s rendering it).
+FIGURE_SECONDS = 0.1
 
 
 class CoherenceCallback(pl.Callback):
@@ -50,30 +56,23 @@ class CoherenceCallback(pl.Callback):
     divergence of the linearized dynamics).
 
     Args:
-        every_n_steps: probe every this many optimizer steps (the first probe runs there).
-        max_overhead: stretch the interval so that probing takes at most this fraction of
-            the training time (``None``: a fixed schedule); see
-            :class:`~torch_coherence.probe.CoherenceProbe`.
-        probe_size: examples drawn (seeded) from the training set for the probe batch.
+        every_n_steps, max_overhead, probe_size, on_unstable, margin_warning, lr_safety,
+            sharpness, seed, mean_square_rate, forward_fn, engine_kwargs: the probe's
+            options (:data:`~torch_coherence.probe.SHARED_OPTIONS`), documented and
+            validated by :class:`~torch_coherence.probe.CoherenceProbe`; same defaults. In
+            short: probe every ``every_n_steps`` optimizer steps, postponed so that probing
+            (and the figures) take at most ``max_overhead`` of the training time, on
+            ``probe_size`` examples drawn (seeded by ``seed``) from the training set;
+            ``on_unstable="stop"`` sets ``trainer.should_stop`` on every rank.
         probe: explicit probe data instead: ``(inputs, targets)``, a dataset or a loader.
         loss: the training loss; default the LightningModule's ``loss_fn`` or ``criterion``
             attribute (:data:`LOSS_ATTRIBUTES`).
         dataset_size: n; default the length of the train dataloader's dataset.
         batch_size: examples per optimizer step; default the train dataloader's
             ``batch_size`` x ``accumulate_grad_batches`` x world size.
-        on_unstable: ``"warn"``, ``"raise"``, ``"stop"`` (sets ``trainer.should_stop`` on
-            every rank) or ``"adjust_lr"`` (lowers the learning rate to ``lr_safety`` x the
-            critical one).
-        margin_warning: also warn when the margin first exceeds this value; ``None``: only at 1.
-        lr_safety: fraction of the critical learning rate used by ``"adjust_lr"``.
         log_figures: with a TensorBoard logger, write the (B, eta) phase plane at the end of
-            each epoch.
-        sharpness: what the engine computes besides the Gram (see
-            :class:`~torch_coherence.probe.CoherenceProbe`).
-        seed: seed of the probe draw and the engine.
-        mean_square_rate: also log rho(T) when :mod:`torch_coherence.dynamics` is available.
-        forward_fn: ``forward_fn(module, inputs) -> outputs`` if ``module(inputs)`` is not it.
-        engine_kwargs: further arguments for :func:`torch_coherence.measure_curvature`.
+            an epoch in which a probe ran, when it fits in the ``max_overhead`` budget
+            (figures and probes share it; with ``max_overhead=None`` always).
 
     Raises:
         ValueError: an invalid argument, named in the message.
@@ -82,7 +81,7 @@ class CoherenceCallback(pl.Callback):
     def __init__(
         self,
         every_n_steps: int = 100,
-        max_overhead: float | None = 0.03,
+        max_overhead: float | None = 0.01,
         probe_size: int = 64,
         probe: Any = None,
         loss: Any = None,
@@ -95,7 +94,7 @@ class CoherenceCallback(pl.Callback):
         sharpness: str | None = None,
         seed: int = 0,
         mean_square_rate: bool = False,
-        forward_fn: Callable[[torch.nn.Module, Any], torch.Tensor] | None = None,
+        forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -106,25 +105,14 @@ class CoherenceCallback(pl.Callback):
         if not isinstance(log_figures, bool):
             raise ValueError(f"log_figures must be a bool, got {log_figures!r}")
         self.probe = CoherenceProbe(
-            loss=loss,
-            probe=probe,
-            probe_size=probe_size,
-            dataset_size=dataset_size,
-            every_n_steps=every_n_steps,
-            max_overhead=max_overhead,
-            on_unstable=on_unstable,
-            margin_warning=margin_warning,
-            lr_safety=lr_safety,
-            sharpness=sharpness,
-            seed=seed,
-            mean_square_rate=mean_square_rate,
-            forward_fn=forward_fn,
-            engine_kwargs=engine_kwargs,
+            loss=loss, probe=probe, dataset_size=dataset_size, **shared_options(locals())
         )
         self.batch_size = batch_size
         self.log_figures = log_figures
         self._effective_batch: float | None = None
         self._layout_written = False
+        self._figure_probes = 0
+        self._figure_seconds = FIGURE_SECONDS
 
     # ------------------------------------------------------------------ setup
     @property
@@ -219,15 +207,32 @@ class CoherenceCallback(pl.Callback):
             add_warnings(writer, result.messages, result.step)
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """The phase-plane figure, when a probe ran since the last one and the budget allows.
+
+        A figure costs about 0.1 s (matplotlib), as much as several probes of a small
+        model, so it shares the probes' ``max_overhead`` budget: it is drawn only when its
+        (last, or first :data:`FIGURE_SECONDS`) cost fits, and its time is charged.
+        """
         if not (self.log_figures and trainer.is_global_zero):
             return
-        for writer in _writers(trainer):
+        writers = _writers(trainer)
+        probes = len(self.probe.history)
+        if not writers or probes == self._figure_probes:
+            return
+        if not self.probe.affordable(self._figure_seconds * len(writers)):
+            return
+        start = time.perf_counter()
+        for writer in writers:
             try:
                 add_phase_plane(
                     writer, self.probe.history, self.probe.last_report, self.probe.steps
                 )
             except Exception as err:  # a figure must never break training
                 warnings.warn(f"torch-coherence: phase-plane figure failed: {err}", stacklevel=2)
+        spent = time.perf_counter() - start
+        self.probe.charge(spent)
+        self._figure_seconds = spent / len(writers)
+        self._figure_probes = probes
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
