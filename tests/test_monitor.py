@@ -107,7 +107,7 @@ def test_stop_and_state_dict() -> None:
         on_unstable="stop",
     )
     opt = torch.optim.SGD(model.parameters(), lr=500.0)
-    with pytest.warns(CoherenceWarning, match="above the critical"):
+    with pytest.warns(CoherenceWarning, match="typically unstable"):
         _train(model, opt, monitor, steps=5)
     assert monitor.should_stop and len(monitor.history) == 1
     state = monitor.state_dict()

@@ -54,6 +54,7 @@ def _probe(engine: ScriptedEngine, **kw) -> CoherenceProbe:
     data = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
     kw.setdefault("every_n_steps", 1)
     kw.setdefault("max_overhead", None)
+    kw.setdefault("criterion", "theorem1")  # the scripted engine has no Gram for gamma
     return CoherenceProbe(
         loss=nn.CrossEntropyLoss(), probe=data, dataset_size=N, engine=engine, **kw
     )
@@ -71,7 +72,9 @@ def test_metric_tags_and_values() -> None:
     probe = _probe(ScriptedEngine())
     res = probe.run(nn.Linear(3, 2), _opt(0.5 * _crit()), B)
     assert set(res.metrics) <= set(TAGS)
-    expected = set(TAGS) - {"stability/mean_square_rate"}
+    # the scripted engine returns no Gram: no rho(T), no gamma
+    lyap = {"stability/lyapunov", "stability/lyapunov_stderr", "stability/typical_critical_lr"}
+    expected = set(TAGS) - {"stability/mean_square_rate"} - lyap
     assert set(res.metrics) == expected
     assert res.metrics["stability/critical_lr"] == pytest.approx(_crit())
     assert res.metrics["stability/margin"] == pytest.approx(0.5)
@@ -191,7 +194,7 @@ def test_state_dict_round_trip() -> None:
     state = probe.state_dict()
     fresh = _probe(ScriptedEngine())
     fresh.load_state_dict(state)
-    assert fresh.history == probe.history and fresh.armed == (False, False)
+    assert fresh.history == probe.history and fresh.armed == probe.armed
     assert fresh.steps == 3
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # still above 1: no new warning after resume
@@ -322,3 +325,119 @@ def test_mean_square_rate_gets_momentum_and_sam() -> None:
     assert sam_rate != pytest.approx(heavy, rel=1e-6)
     for p in model.parameters():
         assert p.grad is None  # the gradient for alpha left no trace
+
+
+# ---------------------------------------------------------------- typical vs mean square
+
+
+class GramEngine:
+    """Returns the coherence statistics and the block Gram of fixed per-sample factors."""
+
+    def __init__(self, factors: torch.Tensor) -> None:
+        from torch_coherence import coherence_from_gram
+
+        self.gram = torch.einsum("irp,jsp->irjs", factors, factors)
+        self.stats = coherence_from_gram(self.gram)
+
+    def __call__(self, model, inputs, targets, loss, **kwargs):
+        return SimpleNamespace(
+            stats=self.stats,
+            ggn_sharpness=self.stats.sharpness,
+            hessian_sharpness=None,
+            gradient_noise_scale=1.0,
+            gram=self.gram,
+        )
+
+
+def _section4_probe(**kw) -> CoherenceProbe:
+    """MATH.md §4: n = 3, curvatures (1, 1/4, 1/4), B = 1: rho(T) > 1 > exp(gamma) at 2.25."""
+    factors = torch.tensor([1.0, 0.5, 0.5], dtype=torch.float64).view(3, 1, 1)
+    data = (torch.randn(3, 3), torch.randint(0, 2, (3,)))
+    kw.setdefault("margin_warning", None)
+    return CoherenceProbe(
+        loss=nn.CrossEntropyLoss(),
+        probe=data,
+        dataset_size=3,
+        engine=GramEngine(factors),
+        every_n_steps=1,
+        max_overhead=None,
+        **kw,
+    )
+
+
+def test_lyapunov_metrics_are_the_dynamics_values() -> None:
+    """gamma and the typical critical lr are those of lyapunov_exponent on the same Gram."""
+    from torch_coherence import critical_lr_typical, lyapunov_exponent
+
+    probe = _section4_probe()
+    res = probe.run(nn.Linear(3, 2), _opt(2.25), 1)
+    gram = probe._engine.gram
+    ref = lyapunov_exponent(gram, 2.25, 1, 3, steps=200, repeats=4, seed=0)
+    assert ref.exact  # commuting (one-dimensional) curvature: E log|1 - eta h_i| exactly
+    assert res.metrics["stability/lyapunov"] == pytest.approx(ref.value, rel=1e-12)
+    # hand formula: (1/3) sum_i log|1 - 2.25 h_i| for B = 1 over n = 3 (Bernoulli, p = 1/3)
+    # with the batch mean of Bernoulli draws; checked against the dynamics' exact value:
+    assert res.metrics["stability/lyapunov"] == pytest.approx(-0.2458, abs=1e-4)
+    crit = critical_lr_typical(gram, 1, 3, steps=200, repeats=4, seed=0, rel_tol=2e-2)
+    assert res.metrics["stability/typical_critical_lr"] == pytest.approx(crit.lr, rel=1e-12)
+    assert res.metrics["stability/typical_critical_lr"] == pytest.approx(4.6976, rel=2e-2)
+
+
+def test_typical_criterion_explains_the_mean_square_only_case() -> None:
+    """At eta = 2.25 Theorem 1 fires (margin > 1) while gamma < 0: the default criterion
+    says "mean-square unstable ... most runs still settle" once and takes no action; the
+    theorem1 criterion acts; at eta = 6 (gamma > 0) the typical criterion acts."""
+    seen: list[str] = []
+    probe = _section4_probe(on_unstable="stop")
+    model = nn.Linear(3, 2)
+    res = probe.run(model, _opt(2.25), 1, warn=seen.append)
+    assert res.report.unstable and res.metrics["stability/lyapunov"] < 0
+    assert not res.stop
+    assert len(seen) == 1 and "mean-square unstable" in seen[0]
+    assert "although most runs still settle" in seen[0] and "gamma = -0.246" in seen[0]
+    probe.count_step()
+    probe.run(model, _opt(2.25), 1, warn=seen.append)  # hysteresis: said once
+    assert len(seen) == 1
+    probe.count_step()
+    res = probe.run(model, _opt(6.0), 1, warn=seen.append)
+    assert res.stop and res.metrics["stability/lyapunov"] > 0
+    assert len(seen) == 2 and "typically unstable: training will diverge" in seen[1]
+    assert "criterion 'typical'" in seen[1]
+
+    strict = _section4_probe(on_unstable="stop", criterion="theorem1")
+    res = strict.run(model, _opt(2.25), 1, warn=seen.append)
+    assert res.stop and "criterion 'theorem1'" in seen[-1]
+    assert "mean-square divergence" in seen[-1]
+
+
+def test_mean_square_criterion_uses_rho() -> None:
+    seen: list[str] = []
+    probe = _section4_probe(on_unstable="stop", criterion="mean_square")
+    res = probe.run(nn.Linear(3, 2), _opt(2.25), 1, warn=seen.append)
+    assert res.metrics["stability/mean_square_rate"] == pytest.approx(1.28125, rel=1e-9)
+    assert res.stop and "rho(T) = 1.281 > 1" in seen[-1]
+    calm = _section4_probe(on_unstable="stop", criterion="mean_square")
+    res = calm.run(nn.Linear(3, 2), _opt(1.5), 1, warn=seen.append)
+    assert not res.stop and res.metrics["stability/mean_square_rate"] < 1
+
+
+def test_typical_falls_back_to_theorem1_without_a_gram() -> None:
+    seen: list[str] = []
+    probe = _probe(ScriptedEngine(), margin_warning=None, criterion="typical")
+    res = probe.run(nn.Linear(3, 2), _opt(2.0 * _crit()), B, warn=seen.append)
+    assert "stability/lyapunov" not in res.metrics
+    assert "using Theorem 1 instead" in seen[0]
+    assert "criterion 'theorem1'" in seen[1]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"criterion": "typicall"}, "criterion"),
+        ({"lyapunov": 1}, "lyapunov"),
+        ({"lyapunov": False, "criterion": "typical"}, "lyapunov=True"),
+    ],
+)
+def test_criterion_options_rejected(kwargs, name) -> None:
+    with pytest.raises(ValueError, match=name):
+        _probe(ScriptedEngine(), **kwargs)

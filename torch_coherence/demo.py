@@ -74,7 +74,13 @@ def _fit(
     from .callbacks import CoherenceCallback
     from .probe import CoherenceWarning
 
-    cb = CoherenceCallback(max_overhead=None, every_n_steps=args.every, probe_size=args.probe_size)
+    # the whole Gram (m R = 2560 rows at the default 256 examples) so that gamma is computed
+    cb = CoherenceCallback(
+        max_overhead=None,
+        every_n_steps=args.every,
+        probe_size=args.probe_size,
+        engine_kwargs={"return_gram": True},
+    )
     logger = TensorBoardLogger(str(args.out), name="demo", version=name)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -114,6 +120,8 @@ def _row(name: str, cb: Any, trainer: Any) -> dict[str, Any]:
         "margin": last["stability/margin"],
         "critical lr": last["stability/critical_lr"],
         "critical B": last["stability/critical_batch_size"],
+        "gamma": last.get("stability/lyapunov", math.nan),
+        "typical crit lr": last.get("stability/typical_critical_lr", math.nan),
         "max margin": max(h.get("stability/margin", 0.0) for h in cb.history),
         "train loss": float(metrics.get("train/loss_epoch", math.nan)),
         "train acc": float(metrics.get("train/acc_epoch", math.nan)),

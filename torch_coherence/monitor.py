@@ -42,7 +42,8 @@ class CoherenceMonitor:
         writer: optional :class:`torch.utils.tensorboard.SummaryWriter`: scalars, the
             custom-scalars layout, warnings as text and (:meth:`log_figure`) the phase plane.
         every_n_steps, max_overhead, probe_size, on_unstable, margin_warning, lr_safety,
-            sharpness, seed, mean_square_rate, forward_fn, engine_kwargs: the probe's
+            sharpness, seed, mean_square_rate, lyapunov, criterion, forward_fn,
+            engine_kwargs: the probe's
             options (:data:`~torch_coherence.probe.SHARED_OPTIONS`), documented and
             validated by :class:`~torch_coherence.probe.CoherenceProbe`; same defaults.
 
@@ -71,6 +72,8 @@ class CoherenceMonitor:
         sharpness: str | None = None,
         seed: int = 0,
         mean_square_rate: bool = False,
+        lyapunov: bool = True,
+        criterion: str = "typical",
         forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:

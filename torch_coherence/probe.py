@@ -52,6 +52,24 @@ __all__ = [
 #: The actions ``on_unstable`` accepts.
 ON_UNSTABLE = ("warn", "raise", "stop", "adjust_lr")
 
+#: What "unstable" means for the warnings and the ``on_unstable`` actions (``criterion``):
+#: ``"typical"``, the top Lyapunov exponent gamma > 0 (a typical run of the linearized
+#: dynamics diverges: training blows up); ``"mean_square"``, rho(T) > 1 (E||w||^2 diverges,
+#: fluctuations grow without bound, although most runs may still settle); ``"theorem1"``,
+#: the margin of paper 000's Theorem 1 (or the GD condition) above 1, a sufficient
+#: condition of mean-square divergence that needs no dynamics computation. Always
+#: theorem1 => mean_square and typical => mean_square (gamma <= log rho(T) / 2); neither
+#: of theorem1 and typical implies the other.
+CRITERIA = ("typical", "mean_square", "theorem1")
+
+#: Probe examples (the first ones) on which gamma and the typical critical learning rate
+#: are computed, and the Monte-Carlo settings (:func:`torch_coherence.lyapunov_exponent`):
+#: on the digits MLP (64 examples, C = 10) gamma costs 0.1 s and the typical critical
+#: learning rate 1.0 s on one CPU thread, against 0.03 s for the curvature itself.
+LYAPUNOV_SAMPLES = 64
+LYAPUNOV_SETTINGS = {"steps": 200, "repeats": 4}
+TYPICAL_LR_REL_TOL = 2e-2
+
 #: Options of :class:`CoherenceProbe` that :class:`~torch_coherence.CoherenceMonitor` and
 #: :class:`~torch_coherence.callbacks.CoherenceCallback` take under the same names, with the
 #: same defaults (a test compares the signatures), and forward unchanged: they are
@@ -66,13 +84,16 @@ SHARED_OPTIONS = (
     "sharpness",
     "seed",
     "mean_square_rate",
+    "lyapunov",
+    "criterion",
     "forward_fn",
     "engine_kwargs",
 )
 
 #: Every metric tag a probe can log, in logging order. ``stability/mean_square_rate`` is
-#: present only when :mod:`torch_coherence.dynamics` is available, ``sharpness/hessian``
-#: only when the engine computed the Hessian sharpness.
+#: present only with ``mean_square_rate=True``, the three Lyapunov tags only with
+#: ``lyapunov=True`` and the probe's Gram available, ``sharpness/hessian`` only when the
+#: engine computed the Hessian sharpness.
 TAGS = (
     "coherence/sigma",
     "coherence/lambda_S",
@@ -86,6 +107,9 @@ TAGS = (
     "stability/critical_lr",
     "stability/critical_batch_size",
     "stability/mean_square_rate",
+    "stability/lyapunov",
+    "stability/lyapunov_stderr",
+    "stability/typical_critical_lr",
     "noise/gradient_noise_scale",
     "probe/seconds",
 )
@@ -123,7 +147,8 @@ class ProbeResult:
         report: the stability report, or ``None`` when the probe failed.
         error: a one-line description of the failure, or ``None``.
         messages: warnings to emit at this probe (after hysteresis).
-        armed: the hysteresis state after this probe: (warn at margin_warning, warn at 1).
+        armed: the hysteresis state after this probe: (warn at margin_warning, warn when
+            unstable by the criterion, note when only the mean-square notion fails).
         stop: whether training should stop.
         new_lr: the learning rate set by ``on_unstable="adjust_lr"``, else ``None``.
         raise_error: whether :meth:`CoherenceProbe.commit` raises.
@@ -135,7 +160,7 @@ class ProbeResult:
     report: StabilityReport | None = None
     error: str | None = None
     messages: tuple[str, ...] = ()
-    armed: tuple[bool, bool] = (True, True)
+    armed: tuple[bool, bool, bool] = (True, True, True)
     stop: bool = False
     new_lr: float | None = None
     raise_error: bool = False
@@ -260,7 +285,29 @@ class CoherenceProbe:
         mean_square_rate: also log rho(T), the exact mean-square rate of the linearized
             dynamics (with the optimizer's momentum and SAM's rho and normaliser, as in the
             report), when :mod:`torch_coherence.dynamics` is available; the engine then
-            returns the whole block Gram, (m R)^2 doubles.
+            returns the whole block Gram, (m R)^2 doubles. Implied by
+            ``criterion="mean_square"``.
+        lyapunov: also compute gamma, the top Lyapunov exponent of the linearized dynamics
+            (``stability/lyapunov`` and its standard error), and the typical critical
+            learning rate where gamma crosses 0 (``stability/typical_critical_lr``), on the
+            first :data:`LYAPUNOV_SAMPLES` probe examples standing for the n training
+            examples, with the optimizer's momentum and SAM's rho (see
+            :data:`LYAPUNOV_SETTINGS`). Needs the probe's block Gram, which the engine
+            returns when m R <= 1024 (R: output dimension, e.g. classes); for larger probes
+            pass ``engine_kwargs={"return_gram": True}`` or gamma is skipped (with a note).
+        criterion: what counts as unstable for the warnings and ``on_unstable``: one of
+            :data:`CRITERIA`. Default ``"typical"``: act when training is expected to blow
+            up (gamma > 0), and say so separately, once per crossing, when only the
+            mean-square notion fails (Theorem 1's margin above 1 while gamma < 0:
+            "fluctuations grow without bound although most runs still settle"). When gamma
+            is not available the probe falls back to ``"theorem1"`` (with a note). The
+            approaching warning (``margin_warning``) uses lr / typical critical lr for
+            ``"typical"`` and Theorem 1's margin otherwise; ``"adjust_lr"`` lowers the
+            learning rate to ``lr_safety`` x the typical critical one for ``"typical"`` and
+            x Theorem 1's critical one otherwise. Theorem 1 is only sufficient: the exact
+            mean-square critical learning rate (:func:`torch_coherence.critical_lr_exact`,
+            too costly per probe) can be below it (measured 1.89 against 2.02 on a small
+            MLP), which the default ``lr_safety=0.5`` covers there but does not guarantee.
         forward_fn: ``forward_fn(model, inputs) -> outputs`` when ``model(inputs)`` is not the
             forward pass the loss expects.
         engine_kwargs: further keyword arguments for :func:`torch_coherence.measure_curvature`.
@@ -285,6 +332,8 @@ class CoherenceProbe:
         sharpness: str | None = None,
         seed: int = 0,
         mean_square_rate: bool = False,
+        lyapunov: bool = True,
+        criterion: str = "typical",
         forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         engine_kwargs: dict[str, Any] | None = None,
         engine: Callable[..., Any] | None = None,
@@ -305,6 +354,15 @@ class CoherenceProbe:
                 f"sharpness must be 'both', 'hessian', 'ggn' or None, got {sharpness!r}"
             )
         _check_int("seed", seed, 0)
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+        if not isinstance(lyapunov, bool):
+            raise ValueError(f"lyapunov must be a bool, got {lyapunov!r}")
+        if criterion == "typical" and not lyapunov:
+            raise ValueError(
+                "criterion='typical' needs lyapunov=True (gamma is the typical criterion); "
+                "pass criterion='theorem1' or 'mean_square' to switch gamma off"
+            )
         if forward_fn is not None and not callable(forward_fn):
             raise ValueError("forward_fn must be callable or None")
         if engine_kwargs is not None and not isinstance(engine_kwargs, dict):
@@ -316,7 +374,10 @@ class CoherenceProbe:
         self.lr_safety = _check_fraction("lr_safety", lr_safety)
         self.sharpness = sharpness
         self.seed = seed
-        self.mean_square_rate = bool(mean_square_rate)
+        self.mean_square_rate = bool(mean_square_rate) or criterion == "mean_square"
+        self.lyapunov = lyapunov
+        self.criterion = criterion
+        self._noted_lyapunov = False
         self.forward_fn = forward_fn
         self.engine_kwargs = dict(engine_kwargs or {})
         self._engine = engine or _default_engine
@@ -328,7 +389,7 @@ class CoherenceProbe:
         self.probe_seconds = 0.0
         self._t0: float | None = None
         self._t0_steps = 0
-        self.armed = (True, True)
+        self.armed = (True, True, True)
         self.history: list[dict[str, Any]] = []
         self.last_curvature: Any = None
         self.last_report: StabilityReport | None = None
@@ -464,7 +525,7 @@ class CoherenceProbe:
         cost = time.perf_counter() - start
         self.probe_seconds += cost
         metrics["probe/seconds"] = cost
-        messages, armed, stop, new_lr, raise_error = self._decide(step, report, hyper)
+        messages, armed, stop, new_lr, raise_error = self._decide(step, report, metrics)
         note = self._optimizer_note(optimizer)
         if note:
             messages = (note, *messages)
@@ -553,6 +614,12 @@ class CoherenceProbe:
             rate = _mean_square_rate(curv, report.lr, b, n, momentum, hyper["sam_rho"], sam_alpha)
             if rate is not None:
                 metrics["stability/mean_square_rate"] = rate
+        if self.lyapunov:
+            metrics.update(
+                _lyapunov_metrics(
+                    curv, report.lr, b, n, momentum, hyper["sam_rho"], sam_alpha, self.seed
+                )
+            )
         gns = getattr(curv, "gradient_noise_scale", None)
         if gns is not None and math.isfinite(float(gns)):
             metrics["noise/gradient_noise_scale"] = float(gns)
@@ -584,39 +651,72 @@ class CoherenceProbe:
             next_step=next_step,
         )
 
+    def _verdict(
+        self, report: StabilityReport, metrics: dict[str, float]
+    ) -> tuple[str, bool, float, float]:
+        """(criterion used, unstable by it, its margin, its critical learning rate)."""
+        gamma = metrics.get("stability/lyapunov")
+        typical_lr = metrics.get("stability/typical_critical_lr")
+        if self.criterion == "typical" and gamma is not None:
+            se = metrics.get("stability/lyapunov_stderr", 0.0)
+            margin = report.lr / typical_lr if typical_lr else math.nan
+            crit = typical_lr if typical_lr else math.nan
+            return "typical", gamma - 2.0 * se > 0, margin, crit
+        rate = metrics.get("stability/mean_square_rate")
+        if self.criterion == "mean_square" and rate is not None:
+            return "mean_square", rate > 1.0, report.margin, report.critical_lr
+        return "theorem1", report.unstable, report.margin, report.critical_lr
+
     def _decide(
-        self, step: int, report: StabilityReport, hyper: dict[str, float | None]
-    ) -> tuple[tuple[str, ...], tuple[bool, bool], bool, float | None, bool]:
-        """Hysteresis: warn once per upward crossing of margin_warning and of 1."""
-        warn_armed, unstable_armed = self.armed
-        margin = report.margin
+        self, step: int, report: StabilityReport, metrics: dict[str, float]
+    ) -> tuple[tuple[str, ...], tuple[bool, bool, bool], bool, float | None, bool]:
+        """Hysteresis: warn once per upward crossing of margin_warning and of instability."""
+        warn_armed, unstable_armed, note_armed = self.armed
+        used, unstable, margin, crit = self._verdict(report, metrics)
         messages: list[str] = []
-        if self.margin_warning is not None:
-            if margin >= self.margin_warning and margin <= 1 and warn_armed:
-                messages.append(self.approaching_message(step, report))
+        if used != self.criterion and not self._noted_lyapunov:
+            self._noted_lyapunov = True
+            messages.append(
+                f"torch-coherence: criterion={self.criterion!r} needs "
+                + ("gamma" if self.criterion == "typical" else "rho(T)")
+                + " but the probe's block Gram is not available (probe size x outputs > 1024);"
+                " using Theorem 1 instead. Pass engine_kwargs={'return_gram': True} or a "
+                "smaller probe_size."
+            )
+        if self.margin_warning is not None and math.isfinite(margin):
+            if self.margin_warning <= margin <= 1 and not unstable and warn_armed:
+                messages.append(self.approaching_message(step, report, used, margin, crit))
                 warn_armed = False
             elif margin < self.margin_warning:
                 warn_armed = True
+        # the mean-square-only case, said once per crossing, when gamma is the criterion
+        rate = metrics.get("stability/mean_square_rate")
+        ms_fails = report.unstable or (rate is not None and rate > 1.0)
+        if used == "typical" and not unstable and ms_fails and note_armed:
+            messages.append(self.mean_square_message(step, report, metrics))
+            note_armed = False
+        elif not ms_fails:
+            note_armed = True
         stop, new_lr, raise_error = False, None, False
-        if report.unstable:
+        if unstable:
             if unstable_armed:
-                messages.append(self.unstable_message(step, report))
+                messages.append(self.unstable_message(step, report, used, metrics, crit))
                 unstable_armed = False
                 warn_armed = False
             if self.on_unstable == "stop":
                 stop = True
             elif self.on_unstable == "raise":
                 raise_error = True
-            elif self.on_unstable == "adjust_lr" and math.isfinite(report.critical_lr):
-                new_lr = self.lr_safety * report.critical_lr
+            elif self.on_unstable == "adjust_lr" and math.isfinite(crit):
+                new_lr = self.lr_safety * crit
                 messages.append(
                     f"torch-coherence: on_unstable='adjust_lr' lowered the learning rate from "
-                    f"{_fmt(report.lr)} to {_fmt(new_lr)} ({self.lr_safety:g} x the critical "
-                    f"{_fmt(report.critical_lr)}) at optimizer step {step}"
+                    f"{_fmt(report.lr)} to {_fmt(new_lr)} ({self.lr_safety:g} x the "
+                    f"{_CRIT_NAMES[used]} critical {_fmt(crit)}) at optimizer step {step}"
                 )
         else:
             unstable_armed = True
-        return tuple(messages), (warn_armed, unstable_armed), stop, new_lr, raise_error
+        return tuple(messages), (warn_armed, unstable_armed, note_armed), stop, new_lr, raise_error
 
     # ------------------------------------------------------------------ messages
     @staticmethod
@@ -628,24 +728,89 @@ class CoherenceProbe:
             )
         return f"lower it or raise the batch size above {_fmt_b(report.critical_batch_size)}"
 
-    def unstable_message(self, step: int, report: StabilityReport) -> str:
-        """The warning at an upward crossing of margin 1 (numbers and the fix)."""
+    def unstable_message(
+        self,
+        step: int,
+        report: StabilityReport,
+        criterion: str = "theorem1",
+        metrics: dict[str, float] | None = None,
+        critical_lr: float | None = None,
+    ) -> str:
+        """The warning when the criterion first says unstable (which one, numbers, the fix)."""
+        metrics = metrics or {}
+        head = f"torch-coherence (optimizer step {step}, criterion {criterion!r}): "
+        numbers = f"Sharpness {_fmt(report.sharpness)}, sigma {_fmt(report.sigma)}, n = {report.n}"
+        if criterion == "typical":
+            gamma = metrics.get("stability/lyapunov", math.nan)
+            crit = critical_lr if critical_lr is not None else math.nan
+            where = (
+                f"learning rate {_fmt(report.lr)} is above the typical critical {_fmt(crit)} "
+                f"for batch size {_fmt_b(report.batch_size)}: lower it below {_fmt(crit)}"
+                if math.isfinite(crit)
+                else f"learning rate {_fmt(report.lr)}: lower it"
+            )
+            return (
+                head + f"typically unstable: training will diverge (top Lyapunov exponent "
+                f"gamma = {gamma:+.3g} per step > 0: a typical run of the linearized dynamics "
+                f"grows); {where}. {numbers}."
+            )
+        if criterion == "mean_square":
+            rate = metrics.get("stability/mean_square_rate", math.nan)
+            return (
+                head + f"mean-square unstable: fluctuations grow without bound (rho(T) = "
+                f"{rate:.4g} > 1: E||w_k||^2 of the linearized dynamics diverges), although "
+                f"most runs may still settle. Learning rate {_fmt(report.lr)}, batch size "
+                f"{_fmt_b(report.batch_size)}: lower it well below Theorem 1's critical "
+                f"learning rate {_fmt(report.critical_lr)}, an upper bound of the exact one. "
+                f"{numbers}."
+            )
         return (
-            f"torch-coherence (optimizer step {step}): learning rate {_fmt(report.lr)} is above "
-            f"the critical {_fmt(report.critical_lr)} for batch size {_fmt_b(report.batch_size)}"
-            f": {self._fix(report)}. Sharpness {_fmt(report.sharpness)}, sigma "
-            f"{_fmt(report.sigma)}, n = {report.n}, margin {report.margin:.2f}: the theory "
-            "guarantees mean-square divergence of the linearized dynamics."
+            head + f"learning rate {_fmt(report.lr)} is above the critical "
+            f"{_fmt(report.critical_lr)} for batch size {_fmt_b(report.batch_size)}"
+            f": {self._fix(report)}. {numbers}, margin {report.margin:.2f}: Theorem 1 "
+            "guarantees mean-square divergence of the linearized dynamics (fluctuations grow "
+            "without bound; whether a typical run diverges is criterion='typical')."
         )
 
-    def approaching_message(self, step: int, report: StabilityReport) -> str:
-        """The warning at an upward crossing of ``margin_warning``."""
+    def mean_square_message(
+        self, step: int, report: StabilityReport, metrics: dict[str, float]
+    ) -> str:
+        """Theorem 1 fires but gamma < 0: the mean-square-only case, explained."""
+        gamma = metrics.get("stability/lyapunov", math.nan)
+        typical = metrics.get("stability/typical_critical_lr", math.nan)
         return (
-            f"torch-coherence (optimizer step {step}): stability margin {report.margin:.2f} "
-            f"reached {self.margin_warning:g}: learning rate {_fmt(report.lr)} is close to the "
-            f"critical {_fmt(report.critical_lr)} for batch size {_fmt_b(report.batch_size)}, "
-            "above which the theory guarantees mean-square divergence of the linearized "
-            f"dynamics; to keep a safety margin, {self._fix(report)}."
+            f"torch-coherence (optimizer step {step}): mean-square unstable: fluctuations grow "
+            f"without bound although most runs still settle. Learning rate {_fmt(report.lr)}, "
+            f"batch size {_fmt_b(report.batch_size)}: {_ms_evidence(report, metrics)}, but "
+            "the top Lyapunov "
+            f"exponent gamma = {gamma:+.3g} per step is negative: a typical run still "
+            f"contracts, up to the typical critical learning rate {_fmt(typical)}. Expect "
+            "rare large loss spikes; criterion='typical' acts only above it."
+        )
+
+    def approaching_message(
+        self,
+        step: int,
+        report: StabilityReport,
+        criterion: str = "theorem1",
+        margin: float | None = None,
+        critical_lr: float | None = None,
+    ) -> str:
+        """The warning at an upward crossing of ``margin_warning``."""
+        margin = report.margin if margin is None else margin
+        crit = report.critical_lr if critical_lr is None else critical_lr
+        what = (
+            "a typical run diverges (training blows up)"
+            if criterion == "typical"
+            else "the theory guarantees mean-square divergence of the linearized dynamics"
+        )
+        fix = f"lower it below {_fmt(crit)}" if criterion == "typical" else self._fix(report)
+        return (
+            f"torch-coherence (optimizer step {step}, criterion {criterion!r}): stability "
+            f"margin {margin:.2f} reached {self.margin_warning:g}: learning rate "
+            f"{_fmt(report.lr)} is close to the {_CRIT_NAMES[criterion]} critical {_fmt(crit)} "
+            f"for batch size {_fmt_b(report.batch_size)}, above which {what}; to keep a "
+            f"safety margin, {fix}."
         )
 
     # ------------------------------------------------------------------ commit
@@ -719,7 +884,8 @@ class CoherenceProbe:
         self.steps = int(state["steps"])
         self.last_probe_step = int(state["last_probe_step"])
         self.next_probe_step = int(state.get("next_probe_step", self.steps + 1))
-        self.armed = (bool(state["armed"][0]), bool(state["armed"][1]))
+        armed = [bool(a) for a in state["armed"]]
+        self.armed = (armed[0], armed[1], armed[2] if len(armed) > 2 else True)
         self.history = [dict(h) for h in state["history"]]
 
 
@@ -872,6 +1038,64 @@ def _mean_square_rate(
     )
     value = float(getattr(value, "rate", value))
     return value if math.isfinite(value) else None
+
+
+def _ms_evidence(report: StabilityReport, metrics: dict[str, float]) -> str:
+    rate = metrics.get("stability/mean_square_rate")
+    if rate is not None and rate > 1.0:
+        return f"rho(T) = {rate:.4g} > 1"
+    return f"above Theorem 1's critical {_fmt(report.critical_lr)} (margin {report.margin:.2f})"
+
+
+_CRIT_NAMES = {"typical": "typical", "mean_square": "Theorem 1", "theorem1": "Theorem 1"}
+
+
+def _lyapunov_metrics(
+    curv: Any,
+    lr: float,
+    batch_size: float,
+    n: int,
+    momentum: float,
+    sam_rho: float | None,
+    sam_alpha: float,
+    seed: int,
+) -> dict[str, float]:
+    """gamma, its standard error and the typical critical lr on the first probe examples.
+
+    The first :data:`LYAPUNOV_SAMPLES` examples' block of the Gram stand for the n training
+    examples (:func:`torch_coherence.lyapunov_exponent`); empty without a Gram.
+    """
+    gram = getattr(curv, "gram", None)
+    if gram is None:
+        return {}
+    from .dynamics import LyapunovPrecisionWarning, critical_lr_typical, lyapunov_exponent
+    from .dynamics.curvature_space import as_coefficient_curvature
+
+    k = min(int(gram.shape[0]), LYAPUNOV_SAMPLES)
+    sub = gram[:k, :, :k, :] if gram.dim() == 4 else gram[:k, :k].reshape(k, 1, k, 1)
+    cc = as_coefficient_curvature(sub, "gram")
+    common: dict[str, Any] = {
+        "momentum": momentum,
+        "sam_rho": sam_rho,
+        "sam_alpha": sam_alpha,
+        "seed": seed,
+        **LYAPUNOV_SETTINGS,
+    }
+    out: dict[str, float] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LyapunovPrecisionWarning)  # the stderr is logged
+        g = lyapunov_exponent(cc, lr, batch_size, n, **common)
+        if not math.isfinite(g.value):
+            return out
+        out["stability/lyapunov"] = float(g.value)
+        out["stability/lyapunov_stderr"] = float(g.stderr) if math.isfinite(g.stderr) else 0.0
+        try:
+            c = critical_lr_typical(cc, batch_size, n, rel_tol=TYPICAL_LR_REL_TOL, **common)
+        except (ValueError, RuntimeError, ArithmeticError):
+            return out
+    if math.isfinite(c.lr) and c.lr > 0:
+        out["stability/typical_critical_lr"] = float(c.lr)
+    return out
 
 
 def _warn(message: str) -> None:

@@ -66,7 +66,14 @@ def test_phase_plane_only_after_new_probes_and_within_budget(
     assert steps == figures
 
 
-def test_warns_above_critical_lr_not_at_half(tmp_path) -> None:
+@pytest.mark.parametrize(
+    ("criterion", "phrases"),
+    [
+        ("theorem1", ["is above the critical", "mean-square divergence of the linearized"]),
+        ("typical", ["typically unstable: training will diverge", "gamma = +"]),
+    ],
+)
+def test_warns_above_critical_lr_not_at_half(tmp_path, criterion, phrases) -> None:
     torch.manual_seed(0)
     model = TinyClassifier(norm=False)
     ref = CoherenceProbe(loss=model.loss_fn, probe=model.data, probe_size=16, dataset_size=N_TRAIN)
@@ -78,7 +85,11 @@ def test_warns_above_critical_lr_not_at_half(tmp_path) -> None:
         m = TinyClassifier(lr=lr, norm=False)
         m.load_state_dict(state)
         cb = CoherenceCallback(
-            max_overhead=None, every_n_steps=1, probe_size=16, margin_warning=None
+            max_overhead=None,
+            every_n_steps=1,
+            probe_size=16,
+            margin_warning=None,
+            criterion=criterion,
         )
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
@@ -87,8 +98,10 @@ def test_warns_above_critical_lr_not_at_half(tmp_path) -> None:
 
     assert fit_at(0.5 * critical) == []
     above = fit_at(2.0 * critical)
-    assert len(above) == 1 and "is above the critical" in above[0]
-    assert "mean-square divergence of the linearized dynamics" in above[0]
+    assert len(above) == 1, above
+    assert f"criterion {criterion!r}" in above[0]
+    for phrase in phrases:
+        assert phrase in above[0]
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -128,7 +141,7 @@ def test_failing_probe_warns_and_training_continues(tmp_path) -> None:
 
 def test_stop_sets_should_stop(tmp_path) -> None:
     cb = CoherenceCallback(max_overhead=None, every_n_steps=1, probe_size=16, on_unstable="stop")
-    with pytest.warns(CoherenceWarning, match="above the critical"):
+    with pytest.warns(CoherenceWarning, match="typically unstable: training will diverge"):
         trainer = _fit(tmp_path, TinyClassifier(lr=50.0, norm=False), [cb], max_steps=6)
     assert trainer.global_step < 6
 

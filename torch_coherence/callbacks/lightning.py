@@ -57,7 +57,8 @@ class CoherenceCallback(pl.Callback):
 
     Args:
         every_n_steps, max_overhead, probe_size, on_unstable, margin_warning, lr_safety,
-            sharpness, seed, mean_square_rate, forward_fn, engine_kwargs: the probe's
+            sharpness, seed, mean_square_rate, lyapunov, criterion, forward_fn,
+            engine_kwargs: the probe's
             options (:data:`~torch_coherence.probe.SHARED_OPTIONS`), documented and
             validated by :class:`~torch_coherence.probe.CoherenceProbe`; same defaults. In
             short: probe every ``every_n_steps`` optimizer steps, postponed so that probing
@@ -94,6 +95,8 @@ class CoherenceCallback(pl.Callback):
         sharpness: str | None = None,
         seed: int = 0,
         mean_square_rate: bool = False,
+        lyapunov: bool = True,
+        criterion: str = "typical",
         forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
