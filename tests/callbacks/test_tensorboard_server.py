@@ -16,7 +16,14 @@ from pytorch_lightning.loggers import TensorBoardLogger
 
 from torch_coherence.callbacks import CoherenceCallback
 
-TAGS = {"coherence/sigma", "stability/margin", "stability/critical_lr", "sharpness/ggn"}
+TAGS = {
+    "coherence/sigma",
+    "stability/margin",
+    "stability/critical_lr",
+    "sharpness/ggn",
+    "stability/lyapunov",
+    "stability/typical_critical_lr",
+}
 
 
 def _free_port() -> int:

@@ -38,7 +38,14 @@ LAYOUT = {
             ["stability/margin", "stability/margin", MARGIN_LIMIT_TAG],
         ],
         "coherence": ["Multiline", ["coherence/sigma"]],
-        "critical learning rate": ["Multiline", ["stability/critical_lr"]],
+        "critical learning rate": [
+            "Multiline",
+            ["stability/critical_lr", "stability/typical_critical_lr"],
+        ],
+        "Lyapunov exponent (typical run diverges above 0)": [
+            "Multiline",
+            ["stability/lyapunov"],
+        ],
         "critical batch size": ["Multiline", ["stability/critical_batch_size"]],
     }
 }
