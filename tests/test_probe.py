@@ -354,15 +354,30 @@ def _section4_probe(**kw) -> CoherenceProbe:
     factors = torch.tensor([1.0, 0.5, 0.5], dtype=torch.float64).view(3, 1, 1)
     data = (torch.randn(3, 3), torch.randint(0, 2, (3,)))
     kw.setdefault("margin_warning", None)
+    kw.setdefault("max_overhead", None)
     return CoherenceProbe(
         loss=nn.CrossEntropyLoss(),
         probe=data,
         dataset_size=3,
         engine=GramEngine(factors),
         every_n_steps=1,
-        max_overhead=None,
         **kw,
     )
+
+
+def test_lyapunov_waits_for_the_time_budget() -> None:
+    """With max_overhead the Lyapunov part (about 1 s) runs only once training time allows."""
+    seen: list[str] = []
+    probe = _section4_probe(max_overhead=0.01)
+    probe.count_step()
+    res = probe.run(nn.Linear(3, 2), _opt(2.25), 1, warn=seen.append)
+    assert "stability/lyapunov" not in res.metrics
+    assert "time budget" in seen[0] and "Probes without it use Theorem 1" in seen[0]
+    assert "criterion 'theorem1'" in seen[1]  # Theorem 1 fires at eta = 2.25 (margin 1.06)
+    probe._t0 -= 1000.0  # as if 1000 s of training had passed: 1% of it is 10 s
+    probe.count_step()
+    res = probe.run(nn.Linear(3, 2), _opt(2.25), 1, warn=seen.append)
+    assert res.metrics["stability/lyapunov"] == pytest.approx(-0.2458, abs=1e-4)
 
 
 def test_lyapunov_metrics_are_the_dynamics_values() -> None:
@@ -426,7 +441,7 @@ def test_typical_falls_back_to_theorem1_without_a_gram() -> None:
     probe = _probe(ScriptedEngine(), margin_warning=None, criterion="typical")
     res = probe.run(nn.Linear(3, 2), _opt(2.0 * _crit()), B, warn=seen.append)
     assert "stability/lyapunov" not in res.metrics
-    assert "using Theorem 1 instead" in seen[0]
+    assert "Probes without it use Theorem 1" in seen[0] and "block Gram" in seen[0]
     assert "criterion 'theorem1'" in seen[1]
 
 

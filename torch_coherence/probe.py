@@ -69,6 +69,9 @@ CRITERIA = ("typical", "mean_square", "theorem1")
 LYAPUNOV_SAMPLES = 64
 LYAPUNOV_SETTINGS = {"steps": 200, "repeats": 4}
 TYPICAL_LR_REL_TOL = 2e-2
+#: Assumed cost of the Lyapunov part before it has been timed once (seconds). It runs only
+#: when it fits in the ``max_overhead`` budget (always with ``max_overhead=None``).
+LYAPUNOV_FIRST_SECONDS = 1.0
 
 #: Options of :class:`CoherenceProbe` that :class:`~torch_coherence.CoherenceMonitor` and
 #: :class:`~torch_coherence.callbacks.CoherenceCallback` take under the same names, with the
@@ -292,7 +295,11 @@ class CoherenceProbe:
             learning rate where gamma crosses 0 (``stability/typical_critical_lr``), on the
             first :data:`LYAPUNOV_SAMPLES` probe examples standing for the n training
             examples, with the optimizer's momentum and SAM's rho (see
-            :data:`LYAPUNOV_SETTINGS`). Needs the probe's block Gram, which the engine
+            :data:`LYAPUNOV_SETTINGS`). It costs about 1 s (64 examples, 10 classes, one
+            CPU thread), far more than the curvature of a small model, so it runs only when
+            it fits in the ``max_overhead`` budget (first assumed
+            :data:`LYAPUNOV_FIRST_SECONDS`, then the last measured cost); with
+            ``max_overhead=None`` at every probe. Needs the probe's block Gram, which the engine
             returns when m R <= 1024 (R: output dimension, e.g. classes); for larger probes
             pass ``engine_kwargs={"return_gram": True}`` or gamma is skipped (with a note).
         criterion: what counts as unstable for the warnings and ``on_unstable``: one of
@@ -378,6 +385,8 @@ class CoherenceProbe:
         self.lyapunov = lyapunov
         self.criterion = criterion
         self._noted_lyapunov = False
+        self._lyapunov_seconds = LYAPUNOV_FIRST_SECONDS
+        self._lyapunov_skip: str | None = None
         self.forward_fn = forward_fn
         self.engine_kwargs = dict(engine_kwargs or {})
         self._engine = engine or _default_engine
@@ -614,12 +623,27 @@ class CoherenceProbe:
             rate = _mean_square_rate(curv, report.lr, b, n, momentum, hyper["sam_rho"], sam_alpha)
             if rate is not None:
                 metrics["stability/mean_square_rate"] = rate
+        self._lyapunov_skip = None
         if self.lyapunov:
-            metrics.update(
-                _lyapunov_metrics(
-                    curv, report.lr, b, n, momentum, hyper["sam_rho"], sam_alpha, self.seed
+            if getattr(curv, "gram", None) is None:
+                self._lyapunov_skip = (
+                    "the probe's block Gram is not available (probe size x outputs > 1024; "
+                    "pass engine_kwargs={'return_gram': True} or a smaller probe_size)"
                 )
-            )
+            elif not self.affordable(self._lyapunov_seconds):
+                self._lyapunov_skip = (
+                    f"it does not fit in the max_overhead={self.max_overhead:g} time budget "
+                    f"yet (it costs about {self._lyapunov_seconds:.2g} s; it is computed once "
+                    "enough training time has passed, and always with max_overhead=None)"
+                )
+            else:
+                t0 = time.perf_counter()
+                metrics.update(
+                    _lyapunov_metrics(
+                        curv, report.lr, b, n, momentum, hyper["sam_rho"], sam_alpha, self.seed
+                    )
+                )
+                self._lyapunov_seconds = time.perf_counter() - t0
         gns = getattr(curv, "gradient_noise_scale", None)
         if gns is not None and math.isfinite(float(gns)):
             metrics["noise/gradient_noise_scale"] = float(gns)
@@ -676,12 +700,15 @@ class CoherenceProbe:
         messages: list[str] = []
         if used != self.criterion and not self._noted_lyapunov:
             self._noted_lyapunov = True
+            why = self._lyapunov_skip or (
+                "the probe's block Gram is not available (probe size x outputs > 1024; pass "
+                "engine_kwargs={'return_gram': True} or a smaller probe_size)"
+            )
+            what = "gamma" if self.criterion == "typical" else "rho(T)"
             messages.append(
-                f"torch-coherence: criterion={self.criterion!r} needs "
-                + ("gamma" if self.criterion == "typical" else "rho(T)")
-                + " but the probe's block Gram is not available (probe size x outputs > 1024);"
-                " using Theorem 1 instead. Pass engine_kwargs={'return_gram': True} or a "
-                "smaller probe_size."
+                f"torch-coherence (optimizer step {step}): criterion={self.criterion!r} needs "
+                f"{what}, which this probe did not compute: {why}. Probes without it use "
+                "Theorem 1 (said once)."
             )
         if self.margin_warning is not None and math.isfinite(margin):
             if self.margin_warning <= margin <= 1 and not unstable and warn_armed:
