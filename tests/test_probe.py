@@ -372,8 +372,8 @@ def test_lyapunov_waits_for_the_time_budget() -> None:
     probe.count_step()
     res = probe.run(nn.Linear(3, 2), _opt(2.25), 1, warn=seen.append)
     assert "stability/lyapunov" not in res.metrics
-    assert "time budget" in seen[0] and "Probes without it use Theorem 1" in seen[0]
-    assert "criterion 'theorem1'" in seen[1]  # Theorem 1 fires at eta = 2.25 (margin 1.06)
+    # waiting for the budget is silent; the warning names the criterion it used
+    assert len(seen) == 1 and "criterion 'theorem1'" in seen[0]  # margin 1.06 at eta 2.25
     probe._t0 -= 1000.0  # as if 1000 s of training had passed: 1% of it is 10 s
     probe.count_step()
     res = probe.run(nn.Linear(3, 2), _opt(2.25), 1, warn=seen.append)

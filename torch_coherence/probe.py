@@ -299,7 +299,9 @@ class CoherenceProbe:
             CPU thread), far more than the curvature of a small model, so it runs only when
             it fits in the ``max_overhead`` budget (first assumed
             :data:`LYAPUNOV_FIRST_SECONDS`, then the last measured cost); with
-            ``max_overhead=None`` at every probe. Needs the probe's block Gram, which the engine
+            ``max_overhead=None`` at every probe. Until it fits, probes use Theorem 1
+            (their warnings name the criterion used), without a note. Needs the probe's
+            block Gram, which the engine
             returns when m R <= 1024 (R: output dimension, e.g. classes); for larger probes
             pass ``engine_kwargs={"return_gram": True}`` or gamma is skipped (with a note).
         criterion: what counts as unstable for the warnings and ``on_unstable``: one of
@@ -698,7 +700,10 @@ class CoherenceProbe:
         warn_armed, unstable_armed, note_armed = self.armed
         used, unstable, margin, crit = self._verdict(report, metrics)
         messages: list[str] = []
-        if used != self.criterion and not self._noted_lyapunov:
+        # a missing Gram is a configuration matter: said once; waiting for the time budget
+        # is the normal start of every fit: silent (documented under ``lyapunov``)
+        no_gram = self._lyapunov_skip is None or "Gram" in self._lyapunov_skip
+        if used != self.criterion and no_gram and not self._noted_lyapunov:
             self._noted_lyapunov = True
             why = self._lyapunov_skip or (
                 "the probe's block Gram is not available (probe size x outputs > 1024; pass "
