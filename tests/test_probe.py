@@ -355,13 +355,9 @@ def _section4_probe(**kw) -> CoherenceProbe:
     data = (torch.randn(3, 3), torch.randint(0, 2, (3,)))
     kw.setdefault("margin_warning", None)
     kw.setdefault("max_overhead", None)
+    kw.setdefault("every_n_steps", 1)
     return CoherenceProbe(
-        loss=nn.CrossEntropyLoss(),
-        probe=data,
-        dataset_size=3,
-        engine=GramEngine(factors),
-        every_n_steps=1,
-        **kw,
+        loss=nn.CrossEntropyLoss(), probe=data, dataset_size=3, engine=GramEngine(factors), **kw
     )
 
 
@@ -456,3 +452,74 @@ def test_typical_falls_back_to_theorem1_without_a_gram() -> None:
 def test_criterion_options_rejected(kwargs, name) -> None:
     with pytest.raises(ValueError, match=name):
         _probe(ScriptedEngine(), **kwargs)
+
+
+def test_budget_schedule_leaves_room_for_gamma(monkeypatch) -> None:
+    """Under max_overhead the probe after a budget skip is placed so that gamma fits.
+
+    Fake clock: 10 ms training steps, 0.03 s curvature, 1 s Lyapunov part, 1% budget, 1000 s
+    of training. Without room for the skipped part, gamma was never computed (0 of 1000
+    probes, found in review).
+    """
+    import torch_coherence.probe as P
+
+    clock = [0.0]
+    monkeypatch.setattr(P, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    engine = GramEngine(torch.tensor([1.0, 0.5, 0.5], dtype=torch.float64).view(3, 1, 1))
+
+    def timed_engine(*args, **kwargs):
+        clock[0] += 0.03
+        return engine(*args, **kwargs)
+
+    def lyapunov(*args, **kwargs):
+        clock[0] += 1.0
+        return {"stability/lyapunov": -0.1, "stability/lyapunov_stderr": 0.0}
+
+    monkeypatch.setattr(P, "_lyapunov_metrics", lyapunov)
+    probe = _section4_probe(max_overhead=0.01, every_n_steps=100)
+    probe._engine = timed_engine
+    opt, model = _opt(1.0), nn.Linear(3, 2)
+    with_gamma = probes = 0
+    for _ in range(100_000):
+        probe.count_step()
+        clock[0] += 0.01
+        if probe.due():
+            res = probe.run(model, opt, 1, warn=lambda _m: None)
+            probes += 1
+            with_gamma += "stability/lyapunov" in res.metrics
+    train = clock[0] - probe.probe_seconds
+    assert with_gamma >= 5 and with_gamma >= probes // 2, (with_gamma, probes)
+    assert probe.probe_seconds / train <= 0.0105
+
+
+def test_no_repeated_action_when_the_criterion_flips(monkeypatch) -> None:
+    """Probes alternately with gamma (typical: stable) and without (Theorem 1: unstable)
+    must not re-arm each other: one Theorem 1 warning and one stop, not one per flip."""
+    import torch_coherence.probe as P
+
+    turn = [0]
+
+    def alternating(*args, **kwargs):
+        turn[0] += 1
+        if turn[0] % 2:
+            return {}
+        return {"stability/lyapunov": -0.2, "stability/lyapunov_stderr": 0.0}
+
+    monkeypatch.setattr(P, "_lyapunov_metrics", alternating)
+    seen: list[str] = []
+    probe = _section4_probe(on_unstable="stop")
+    stops = 0
+    for _ in range(6):
+        probe.count_step()
+        res = probe.run(nn.Linear(3, 2), _opt(2.25), 1, warn=seen.append)
+        stops += res.stop
+    theorem1 = [m for m in seen if "criterion 'theorem1'" in m]
+    assert len(theorem1) == 1, seen
+    assert stops == 3  # the action follows the verdict of each probe; the warning is once
+
+
+def test_adjust_lr_never_raises_the_learning_rate() -> None:
+    probe = _section4_probe(on_unstable="adjust_lr", lr_safety=0.5)
+    res = probe.run(nn.Linear(3, 2), _opt(6.0), 1, warn=lambda _m: None)
+    assert res.new_lr is not None and res.new_lr <= 0.5 * 6.0
+    assert res.new_lr == pytest.approx(0.5 * res.metrics["stability/typical_critical_lr"])

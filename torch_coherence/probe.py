@@ -389,6 +389,7 @@ class CoherenceProbe:
         self._noted_lyapunov = False
         self._lyapunov_seconds = LYAPUNOV_FIRST_SECONDS
         self._lyapunov_skip: str | None = None
+        self._last_used: str | None = None
         self.forward_fn = forward_fn
         self.engine_kwargs = dict(engine_kwargs or {})
         self._engine = engine or _default_engine
@@ -549,7 +550,7 @@ class CoherenceProbe:
             stop=stop,
             new_lr=new_lr,
             raise_error=raise_error,
-            next_step=self._next_step(step, cost),
+            next_step=self._next_step(step, cost + self._budget_extra()),
         )
 
     def _measure(
@@ -651,6 +652,16 @@ class CoherenceProbe:
             metrics["noise/gradient_noise_scale"] = float(gns)
         return report, metrics
 
+    def _budget_extra(self) -> float:
+        """Seconds the next probe needs beyond this one's: the Lyapunov part it skipped.
+
+        Without this the budget schedule would place the next probe where only the
+        curvature's cost fits, and gamma would never be computed.
+        """
+        if self._lyapunov_skip is not None and "budget" in self._lyapunov_skip:
+            return self._lyapunov_seconds
+        return 0.0
+
     def _optimizer_note(self, optimizer: Any) -> str | None:
         """A one-time note when the optimizer is not SGD (or SAM over SGD)."""
         base = _count_target(optimizer)
@@ -699,6 +710,10 @@ class CoherenceProbe:
         """Hysteresis: warn once per upward crossing of margin_warning and of instability."""
         warn_armed, unstable_armed, note_armed = self.armed
         used, unstable, margin, crit = self._verdict(report, metrics)
+        # a probe judged by another criterion than the last (gamma skipped for the time
+        # budget) may disarm but not re-arm: no repeated warning or action from flipping
+        same = self._last_used in (None, used)
+        self._last_used = used
         messages: list[str] = []
         # a missing Gram is a configuration matter: said once; waiting for the time budget
         # is the normal start of every fit: silent (documented under ``lyapunov``)
@@ -719,7 +734,7 @@ class CoherenceProbe:
             if self.margin_warning <= margin <= 1 and not unstable and warn_armed:
                 messages.append(self.approaching_message(step, report, used, margin, crit))
                 warn_armed = False
-            elif margin < self.margin_warning:
+            elif margin < self.margin_warning and same:
                 warn_armed = True
         # the mean-square-only case, said once per crossing, when gamma is the criterion
         rate = metrics.get("stability/mean_square_rate")
@@ -739,14 +754,17 @@ class CoherenceProbe:
                 stop = True
             elif self.on_unstable == "raise":
                 raise_error = True
-            elif self.on_unstable == "adjust_lr" and math.isfinite(crit):
-                new_lr = self.lr_safety * crit
+            elif self.on_unstable == "adjust_lr":
+                if not math.isfinite(crit):  # e.g. the typical critical lr was not found
+                    used, crit = "theorem1", report.critical_lr
+                # never raise the learning rate (rho(T) > 1 can hold below Theorem 1's)
+                new_lr = self.lr_safety * min(crit, report.lr)
                 messages.append(
                     f"torch-coherence: on_unstable='adjust_lr' lowered the learning rate from "
                     f"{_fmt(report.lr)} to {_fmt(new_lr)} ({self.lr_safety:g} x the "
                     f"{_CRIT_NAMES[used]} critical {_fmt(crit)}) at optimizer step {step}"
                 )
-        else:
+        elif same:
             unstable_armed = True
         return tuple(messages), (warn_armed, unstable_armed, note_armed), stop, new_lr, raise_error
 
@@ -809,14 +827,20 @@ class CoherenceProbe:
     ) -> str:
         """Theorem 1 fires but gamma < 0: the mean-square-only case, explained."""
         gamma = metrics.get("stability/lyapunov", math.nan)
+        se = metrics.get("stability/lyapunov_stderr", 0.0)
         typical = metrics.get("stability/typical_critical_lr", math.nan)
+        sign = (
+            "is negative: a typical run still contracts"
+            if gamma < 0
+            else f"is not significantly positive (+- {se:.2g}): a typical run barely grows"
+        )
         return (
             f"torch-coherence (optimizer step {step}): mean-square unstable: fluctuations grow "
             f"without bound although most runs still settle. Learning rate {_fmt(report.lr)}, "
             f"batch size {_fmt_b(report.batch_size)}: {_ms_evidence(report, metrics)}, but "
             "the top Lyapunov "
-            f"exponent gamma = {gamma:+.3g} per step is negative: a typical run still "
-            f"contracts, up to the typical critical learning rate {_fmt(typical)}. Expect "
+            f"exponent gamma = {gamma:+.3g} per step {sign}, up to the typical critical "
+            f"learning rate {_fmt(typical)}. Expect "
             "rare large loss spikes; criterion='typical' acts only above it."
         )
 
