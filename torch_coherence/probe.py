@@ -388,7 +388,7 @@ class CoherenceProbe:
         self.criterion = criterion
         self._noted_lyapunov = False
         self._lyapunov_seconds = LYAPUNOV_FIRST_SECONDS
-        self._lyapunov_skip: str | None = None
+        self._lyapunov_skip: str | None = None  # why gamma was skipped: "gram" or "budget"
         self._last_used: str | None = None
         self.forward_fn = forward_fn
         self.engine_kwargs = dict(engine_kwargs or {})
@@ -629,16 +629,9 @@ class CoherenceProbe:
         self._lyapunov_skip = None
         if self.lyapunov:
             if getattr(curv, "gram", None) is None:
-                self._lyapunov_skip = (
-                    "the probe's block Gram is not available (probe size x outputs > 1024; "
-                    "pass engine_kwargs={'return_gram': True} or a smaller probe_size)"
-                )
+                self._lyapunov_skip = "gram"
             elif not self.affordable(self._lyapunov_seconds):
-                self._lyapunov_skip = (
-                    f"it does not fit in the max_overhead={self.max_overhead:g} time budget "
-                    f"yet (it costs about {self._lyapunov_seconds:.2g} s; it is computed once "
-                    "enough training time has passed, and always with max_overhead=None)"
-                )
+                self._lyapunov_skip = "budget"
             else:
                 t0 = time.perf_counter()
                 metrics.update(
@@ -658,7 +651,7 @@ class CoherenceProbe:
         Without this the budget schedule would place the next probe where only the
         curvature's cost fits, and gamma would never be computed.
         """
-        if self._lyapunov_skip is not None and "budget" in self._lyapunov_skip:
+        if self._lyapunov_skip == "budget":
             return self._lyapunov_seconds
         return 0.0
 
@@ -717,18 +710,15 @@ class CoherenceProbe:
         messages: list[str] = []
         # a missing Gram is a configuration matter: said once; waiting for the time budget
         # is the normal start of every fit: silent (documented under ``lyapunov``)
-        no_gram = self._lyapunov_skip is None or "Gram" in self._lyapunov_skip
-        if used != self.criterion and no_gram and not self._noted_lyapunov:
+        waiting = self._lyapunov_skip == "budget"
+        if used != self.criterion and not waiting and not self._noted_lyapunov:
             self._noted_lyapunov = True
-            why = self._lyapunov_skip or (
-                "the probe's block Gram is not available (probe size x outputs > 1024; pass "
-                "engine_kwargs={'return_gram': True} or a smaller probe_size)"
-            )
             what = "gamma" if self.criterion == "typical" else "rho(T)"
             messages.append(
                 f"torch-coherence (optimizer step {step}): criterion={self.criterion!r} needs "
-                f"{what}, which this probe did not compute: {why}. Probes without it use "
-                "Theorem 1 (said once)."
+                f"{what}, which this probe did not compute: the probe's block Gram is not "
+                "available (probe size x outputs > 1024; pass engine_kwargs={'return_gram': "
+                "True} or a smaller probe_size). Probes without it use Theorem 1 (said once)."
             )
         if self.margin_warning is not None and math.isfinite(margin):
             if self.margin_warning <= margin <= 1 and not unstable and warn_armed:
