@@ -107,7 +107,7 @@ def test_hysteresis_warns_once_per_crossing() -> None:
     for factor in (0.5, 0.9, 0.95, 1.2, 1.3, 0.9, 1.4, 0.5, 0.85):
         opt.param_groups[0]["lr"] = factor * _crit()
         probe.count_step()
-        res = probe.run(model, opt, B, warn=seen.append)
+        res = probe.run(model, opt, B, warn=lambda text, category: seen.append(text))
         assert len(res.messages) <= 1
     kinds = ["above the critical" in m for m in seen]
     assert kinds == [False, True, True, False]
@@ -366,13 +366,13 @@ def test_lyapunov_waits_for_the_time_budget() -> None:
     seen: list[str] = []
     probe = _section4_probe(max_overhead=0.01)
     probe.count_step()
-    res = probe.run(nn.Linear(3, 2), _opt(2.25), 1, warn=seen.append)
+    res = probe.run(nn.Linear(3, 2), _opt(2.25), 1, warn=lambda text, category: seen.append(text))
     assert "stability/lyapunov" not in res.metrics
     # waiting for the budget is silent; the warning names the criterion it used
     assert len(seen) == 1 and "criterion 'theorem1'" in seen[0]  # margin 1.06 at eta 2.25
     probe._t0 -= 1000.0  # as if 1000 s of training had passed: 1% of it is 10 s
     probe.count_step()
-    res = probe.run(nn.Linear(3, 2), _opt(2.25), 1, warn=seen.append)
+    res = probe.run(nn.Linear(3, 2), _opt(2.25), 1, warn=lambda text, category: seen.append(text))
     assert res.metrics["stability/lyapunov"] == pytest.approx(-0.2458, abs=1e-4)
 
 
@@ -401,22 +401,24 @@ def test_typical_criterion_explains_the_mean_square_only_case() -> None:
     seen: list[str] = []
     probe = _section4_probe(on_unstable="stop")
     model = nn.Linear(3, 2)
-    res = probe.run(model, _opt(2.25), 1, warn=seen.append)
+    res = probe.run(model, _opt(2.25), 1, warn=lambda text, category: seen.append(text))
     assert res.report.unstable and res.metrics["stability/lyapunov"] < 0
     assert not res.stop
     assert len(seen) == 1 and "mean-square unstable" in seen[0]
     assert "although most runs still settle" in seen[0] and "gamma = -0.246" in seen[0]
     probe.count_step()
-    probe.run(model, _opt(2.25), 1, warn=seen.append)  # hysteresis: said once
+    probe.run(
+        model, _opt(2.25), 1, warn=lambda text, category: seen.append(text)
+    )  # hysteresis: said once
     assert len(seen) == 1
     probe.count_step()
-    res = probe.run(model, _opt(6.0), 1, warn=seen.append)
+    res = probe.run(model, _opt(6.0), 1, warn=lambda text, category: seen.append(text))
     assert res.stop and res.metrics["stability/lyapunov"] > 0
     assert len(seen) == 2 and "typically unstable: training will diverge" in seen[1]
     assert "criterion 'typical'" in seen[1]
 
     strict = _section4_probe(on_unstable="stop", criterion="theorem1")
-    res = strict.run(model, _opt(2.25), 1, warn=seen.append)
+    res = strict.run(model, _opt(2.25), 1, warn=lambda text, category: seen.append(text))
     assert res.stop and "criterion 'theorem1'" in seen[-1]
     assert "mean-square divergence" in seen[-1]
 
@@ -424,18 +426,20 @@ def test_typical_criterion_explains_the_mean_square_only_case() -> None:
 def test_mean_square_criterion_uses_rho() -> None:
     seen: list[str] = []
     probe = _section4_probe(on_unstable="stop", criterion="mean_square")
-    res = probe.run(nn.Linear(3, 2), _opt(2.25), 1, warn=seen.append)
+    res = probe.run(nn.Linear(3, 2), _opt(2.25), 1, warn=lambda text, category: seen.append(text))
     assert res.metrics["stability/mean_square_rate"] == pytest.approx(1.28125, rel=1e-9)
     assert res.stop and "rho(T) = 1.281 > 1" in seen[-1]
     calm = _section4_probe(on_unstable="stop", criterion="mean_square")
-    res = calm.run(nn.Linear(3, 2), _opt(1.5), 1, warn=seen.append)
+    res = calm.run(nn.Linear(3, 2), _opt(1.5), 1, warn=lambda text, category: seen.append(text))
     assert not res.stop and res.metrics["stability/mean_square_rate"] < 1
 
 
 def test_typical_falls_back_to_theorem1_without_a_gram() -> None:
     seen: list[str] = []
     probe = _probe(ScriptedEngine(), margin_warning=None, criterion="typical")
-    res = probe.run(nn.Linear(3, 2), _opt(2.0 * _crit()), B, warn=seen.append)
+    res = probe.run(
+        nn.Linear(3, 2), _opt(2.0 * _crit()), B, warn=lambda text, category: seen.append(text)
+    )
     assert "stability/lyapunov" not in res.metrics
     assert "Probes without it use Theorem 1" in seen[0] and "block Gram" in seen[0]
     assert "criterion 'theorem1'" in seen[1]
@@ -484,7 +488,7 @@ def test_budget_schedule_leaves_room_for_gamma(monkeypatch) -> None:
         probe.count_step()
         clock[0] += 0.01
         if probe.due():
-            res = probe.run(model, opt, 1, warn=lambda _m: None)
+            res = probe.run(model, opt, 1, warn=lambda _m, _c: None)
             probes += 1
             with_gamma += "stability/lyapunov" in res.metrics
     train = clock[0] - probe.probe_seconds
@@ -511,7 +515,9 @@ def test_no_repeated_action_when_the_criterion_flips(monkeypatch) -> None:
     stops = 0
     for _ in range(6):
         probe.count_step()
-        res = probe.run(nn.Linear(3, 2), _opt(2.25), 1, warn=seen.append)
+        res = probe.run(
+            nn.Linear(3, 2), _opt(2.25), 1, warn=lambda text, category: seen.append(text)
+        )
         stops += res.stop
     theorem1 = [m for m in seen if "criterion 'theorem1'" in m]
     assert len(theorem1) == 1, seen
@@ -520,6 +526,6 @@ def test_no_repeated_action_when_the_criterion_flips(monkeypatch) -> None:
 
 def test_adjust_lr_never_raises_the_learning_rate() -> None:
     probe = _section4_probe(on_unstable="adjust_lr", lr_safety=0.5)
-    res = probe.run(nn.Linear(3, 2), _opt(6.0), 1, warn=lambda _m: None)
+    res = probe.run(nn.Linear(3, 2), _opt(6.0), 1, warn=lambda _m, _c: None)
     assert res.new_lr is not None and res.new_lr <= 0.5 * 6.0
     assert res.new_lr == pytest.approx(0.5 * res.metrics["stability/typical_critical_lr"])

@@ -43,8 +43,11 @@ __all__ = [
     "TAGS",
     "CoherenceProbe",
     "CoherenceProbeError",
+    "BlowupWarning",
     "CoherenceWarning",
+    "LinearInstabilityWarning",
     "ProbeResult",
+    "TAG_DESCRIPTIONS",
     "UnstableTrainingError",
     "effective_optimizer_params",
 ]
@@ -117,9 +120,45 @@ TAGS = (
     "probe/seconds",
 )
 
+#: One sentence per tag, shown by TensorBoard (summary metadata) and in the docs.
+TAG_DESCRIPTIONS: dict[str, str] = {
+    "coherence/sigma": "Hessian coherence sigma = lambda_1(S) / max_i lambda_1(H_i)",
+    "coherence/lambda_S": "top eigenvalue of the coherence matrix S_ij = sqrt(tr(H_i H_j))",
+    "coherence/max_sample_sharpness": "max_i lambda_1(H_i) over the probe examples",
+    "sharpness/hessian": "top eigenvalue of the Hessian of the training loss",
+    "sharpness/ggn": "top eigenvalue of the Gauss-Newton matrix of the training loss",
+    "stability/gd_threshold": "2 (1 + momentum) / lr: full-batch gradient descent's bound",
+    "stability/theorem1_threshold": "sharpness above which Theorem 1 proves mean-square divergence",
+    "stability/theorem2_bound": "sharpness below which some Hessians with this sigma converge",
+    "stability/margin": "sharpness / Theorem 1 threshold (1: the boundary)",
+    "stability/critical_lr": "learning rate at which Theorem 1's margin reaches 1",
+    "stability/critical_batch_size": "batch size below which Theorem 1 proves divergence",
+    "stability/mean_square_rate": "rho(T): spectral radius of the linearized second-moment map",
+    "stability/lyapunov": "gamma: top Lyapunov exponent of the linearized dynamics (per step)",
+    "stability/lyapunov_stderr": "standard error of gamma",
+    "stability/typical_critical_lr": "learning rate at which gamma crosses 0",
+    "noise/gradient_noise_scale": "B_simple = tr(Sigma) / |G|^2 (McCandlish et al. 2018)",
+    "probe/seconds": "wall time of the probe (seconds)",
+}
+
 
 class CoherenceWarning(UserWarning):
     """Category of every warning the probe emits (filter it with :mod:`warnings`)."""
+
+
+class BlowupWarning(CoherenceWarning):
+    """A blow-up of training is predicted, by the criterion validated on real runs.
+
+    Only this category says that training will blow up (``docs/warnings.md`` gives the
+    recall and false alarms measured behind it).
+    """
+
+
+class LinearInstabilityWarning(CoherenceWarning):
+    """The linearized dynamics at these weights are unstable.
+
+    Expect a loss spike or a move to flatter weights, not necessarily divergence.
+    """
 
 
 class UnstableTrainingError(RuntimeError):
@@ -470,6 +509,28 @@ class CoherenceProbe:
         if self._t0 is None:
             self._t0, self._t0_steps = time.perf_counter(), self.steps
         self.steps += 1
+
+    def start(self) -> None:
+        """A fit starts or resumes: the next :meth:`due` is true (the pre-flight probe).
+
+        Call it once at fit start and at resume, before the first optimizer step, so that
+        the weights are judged at the current learning rate and batch size before anything
+        can blow up.
+        """
+        self.next_probe_step = self.steps
+
+    def observe(self, loss: float | None = None, lr: float | None = None) -> bool:
+        """Per-step guard on what the loop already computed; whether it triggered a probe.
+
+        Args:
+            loss: the training loss of the step just taken (a float or a 0-d tensor).
+            lr: the optimizer's current (largest) learning rate.
+        """
+        value = float(loss) if loss is not None else math.nan
+        if loss is not None and not math.isfinite(value):
+            self.next_probe_step = self.steps
+            return True
+        return False
 
     def due(self) -> bool:
         """Whether the step count has reached the next scheduled probe."""
@@ -874,8 +935,9 @@ class CoherenceProbe:
         Args:
             result: from :meth:`measure`.
             optimizer: whose learning rate ``"adjust_lr"`` lowers.
-            warn: emits one warning message (default :func:`warnings.warn` with
-                :class:`CoherenceWarning`).
+            warn: ``warn(text, category)`` emits one warning (default :func:`warnings.warn`);
+                ``category`` is :class:`CoherenceWarning` or a subclass
+                (:class:`BlowupWarning`, :class:`LinearInstabilityWarning`).
         """
         self.last_probe_step = result.step
         self.next_probe_step = max(result.next_step, result.step + 1)
@@ -893,7 +955,7 @@ class CoherenceProbe:
         self.history.append(entry)
         emit = warn or _warn
         for msg in result.messages:
-            emit(msg)
+            emit(msg, CoherenceWarning)
         if result.new_lr is not None and optimizer is not None:
             set_learning_rate(optimizer, result.new_lr)
         if result.raise_error:
@@ -1144,8 +1206,8 @@ def _lyapunov_metrics(
     return out
 
 
-def _warn(message: str) -> None:
-    warnings.warn(message, CoherenceWarning, stacklevel=3)
+def _warn(message: str, category: type[Warning] = CoherenceWarning) -> None:
+    warnings.warn(message, category, stacklevel=3)
 
 
 def as_sequence(x: Any) -> Sequence[Any]:

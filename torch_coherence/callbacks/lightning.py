@@ -187,9 +187,9 @@ class CoherenceCallback(pl.Callback):
             result = trainer.strategy.broadcast(result, src=0)
         assert result is not None
 
-        def warn(message: str) -> None:
+        def warn(message: str, category: type[Warning] = CoherenceWarning) -> None:
             if trainer.is_global_zero:
-                rank_zero_warn(message, category=CoherenceWarning)
+                rank_zero_warn(message, category=category)
 
         try:
             self.probe.commit(result, optimizer, warn=warn)
