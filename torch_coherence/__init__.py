@@ -38,6 +38,9 @@ from .dynamics import (
     simulate_linearized_sgd,
 )
 
+# empirical lookahead
+from .lookahead import LookaheadResult, draw_batches, lookahead
+
 # integrations
 from .monitor import CoherenceMonitor
 from .probe import CoherenceProbe, CoherenceProbeError, CoherenceWarning, UnstableTrainingError
@@ -87,6 +90,10 @@ __all__ = [
     "SimulationResult",
     "phase_diagram",
     "simulate_linearized_sgd",
+    # empirical lookahead
+    "LookaheadResult",
+    "draw_batches",
+    "lookahead",
     # integrations
     "CoherenceMonitor",
     "CoherenceProbe",
