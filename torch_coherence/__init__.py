@@ -20,6 +20,7 @@ from .coherence import (
 
 # curvature
 from .curvature import CurvatureReport, measure_curvature
+from .curvature.batch_sharpness import batch_sharpness
 
 # dynamics
 from .dynamics import (
@@ -60,6 +61,7 @@ __version__ = "0.1.0"
 __all__ = [
     # curvature
     "CurvatureReport",
+    "batch_sharpness",
     "measure_curvature",
     # coherence
     "CoherenceStats",
