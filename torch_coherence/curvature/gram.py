@@ -197,6 +197,17 @@ class GramFactors:
         return torch.cat(outs)
 
 
+#: The engine's up-front guards against the layer rules' assumptions, each named after the
+#: silent failure it prevents. Only tests switch them off, to show that the self-check
+#: (:mod:`.selfcheck`) catches the same failure on its own.
+SAFEGUARDS = {
+    "copy_outputs": True,  # in-place ops after a layer (ReLU(inplace=True)) see a copy
+    "watch_reads": True,  # parameters read outside their module (weight tying) -> fallback
+    "unwrap_compiled": True,  # torch.compile'd modules run eagerly (hooks fire)
+    "missing_calls": True,  # a covered module whose hooks never ran -> fallback
+}
+
+
 @contextlib.contextmanager
 def eager_modules(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` with every ``torch.compile``d submodule replaced by its eager module.
@@ -213,6 +224,9 @@ def eager_modules(model: nn.Module) -> Iterator[nn.Module]:
             mod = mod._orig_mod
         return mod
 
+    if not SAFEGUARDS["unwrap_compiled"]:
+        yield model
+        return
     root = inner(model)
     swaps = []
     for parent in list(root.modules()):
@@ -324,12 +338,12 @@ def _record(
             return None
         x = args[0].detach()
         records.setdefault(mod, []).append(_Call(x, x._version, out))
-        return out.clone()
+        return out.clone() if SAFEGUARDS["copy_outputs"] else None
 
     handles = [mod.register_forward_pre_hook(pre) for mod in covered]
     handles += [mod.register_forward_hook(post) for mod in covered]
     try:
-        with torch.enable_grad(), watch:
+        with torch.enable_grad(), watch if SAFEGUARDS["watch_reads"] else contextlib.nullcontext():
             out = fwd(inputs)
     finally:
         for h in handles:
@@ -339,7 +353,7 @@ def _record(
         if any(c.x._version != c.version for c in calls):
             bad.setdefault(mod, "its input was modified in place after the call")
     for mod in covered:
-        if mod not in records:
+        if mod not in records and SAFEGUARDS["missing_calls"]:
             bad.setdefault(mod, "its forward hooks did not run")
     return out, records, bad
 
@@ -430,7 +444,7 @@ def gram_factors(
         if outputs_check is not None:
             outputs_check(flat)
         labels = {mod: _user_name(name) for name, mod in fwd.named_modules()}
-        live = [mod for mod in covered if mod not in bad]
+        live = [mod for mod in covered if mod not in bad and mod in records]
         outs = [c.out for mod in live for c in records[mod]]
         cot = sqrt.to(out.dtype).permute(2, 0, 1).reshape(R, *out.shape)
         grads: list[list[torch.Tensor]] = [[] for _ in outs]
@@ -464,7 +478,8 @@ def gram_factors(
             facs.rows.append(rows)
             facs.row_labels.append(_user_name(name))
         if check:
-            blocks = {labels[mod]: [selected[k] for k in covered[mod].names] for mod in live}
+            ruled = [mod for mod in covered if mod not in bad]  # with or without calls
+            blocks = {labels[mod]: [selected[k] for k in covered[mod].names] for mod in ruled}
             blocks.update({_user_name(k): [p] for k, p in fallback.items()})
             self_check(
                 facs,
@@ -476,7 +491,7 @@ def gram_factors(
                 refit=lambda names: _fallback_rows(
                     fwd, inputs, sqrt, {k: selected[k] for k in names}, chunk_size or 32
                 ),
-                names={labels[mod]: covered[mod].names for mod in live},
+                names={labels[mod]: covered[mod].names for mod in ruled},
             )
     return facs
 
