@@ -40,15 +40,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..coherence import CoherenceStats, _finish, coherence_from_gram
 from ..linalg import lanczos, top_eigenvalue
-from .gram import Forward, GramFactors, gram_factors, sketch
+from .gram import Forward, GramFactors, eager_modules, gram_factors, sketch
 from .losses import (
     check_loss,
     output_curvature,
@@ -93,6 +94,15 @@ class CurvatureReport:
         clipped_eigenvalue: most negative output-Hessian eigenvalue clipped (callable losses).
         gram: the block Gram (m, R, m, R) when it was formed (m R <= 1024, or
             ``return_gram=True``), else None.
+        fallback_blocks: parameter or module name -> why its block was computed by the
+            ``torch.func`` fallback instead of a layer rule (no rule, a parameter read outside
+            its module, an input modified in place, no sample axis, or the self-check).
+        rechecked_blocks: blocks the self-check found wrong and recomputed through the
+            fallback, with their relative error before (empty when every rule was right).
+        self_check_error: the self-check's largest relative error of any block of the final
+            K against autograd (nan when ``self_check=0``; see
+            :mod:`torch_coherence.curvature.selfcheck`).
+        self_check_passes: backward passes the self-check used.
     """
 
     stats: CoherenceStats
@@ -110,6 +120,10 @@ class CurvatureReport:
     factors: str
     clipped_eigenvalue: float
     gram: torch.Tensor | None
+    fallback_blocks: dict[str, str] = field(default_factory=dict)
+    rechecked_blocks: dict[str, float] = field(default_factory=dict)
+    self_check_error: float = math.nan
+    self_check_passes: int = 0
 
 
 def _length(x: Any) -> int:
@@ -233,6 +247,7 @@ def measure_curvature(
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     seed: int | None = None,
     return_gram: bool = False,
+    self_check: int = 2,
 ) -> CurvatureReport:
     r"""Coherence, sharpness and gradient noise scale of ``model`` on a probe batch.
 
@@ -269,6 +284,16 @@ def measure_curvature(
         return_gram: form the whole block Gram K and return it as ``report.gram`` even
             when m R > 1024 (needed by :func:`torch_coherence.dynamics.mean_square_rate`;
             costs (m R)^2 doubles plus temporaries).
+        self_check: random coefficient vectors of the self-check of K against autograd (one
+            backward pass each; :mod:`torch_coherence.curvature.selfcheck`); a block that
+            fails it is recomputed through the ``torch.func`` fallback and named in
+            ``report.rechecked_blocks``. 0 switches the check off.
+
+    A ``torch.compile``d model (or submodule) is probed through the eager module it wraps
+    (``_orig_mod``): the same parameters and function, but module hooks fire and the Hessian
+    products can differentiate twice. Attention (``scaled_dot_product_attention``) runs with
+    the math backend during the Hessian products, whose flash / efficient backward is not
+    twice differentiable.
 
     Returns:
         A frozen :class:`CurvatureReport`.
@@ -294,6 +319,8 @@ def measure_curvature(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if not isinstance(return_gram, bool):
         raise ValueError(f"return_gram must be a bool, got {return_gram!r}")
+    if isinstance(self_check, bool) or not isinstance(self_check, int) or self_check < 0:
+        raise ValueError(f"self_check must be an int >= 0 (vectors), got {self_check!r}")
     m = _length(inputs)
     mt = _length(targets)
     if m != mt:
@@ -313,12 +340,12 @@ def measure_curvature(
             )
     from .._state import preserved_state
 
-    with preserved_state(model):
+    with preserved_state(model), eager_modules(model) as eager:
         for p in model.parameters():
             p.requires_grad_(False)
         for p in sel.values():
             p.requires_grad_(True)
-        fwd = Forward(model, forward_fn)
+        fwd = Forward(eager, forward_fn)
         with torch.no_grad():
             out = fwd(inputs)
         _check_outputs(out)
@@ -335,14 +362,17 @@ def measure_curvature(
         R = Bsq.shape[2]
         ext = torch.cat([Bsq, grads.unsqueeze(2)], dim=2)
         facs = gram_factors(
-            model,
+            eager,
             inputs,
             ext,
             sel,
             forward_fn=forward_fn,
             chunk_size=chunk_size,
             outputs_check=_check_outputs,
+            check=self_check,
+            seed=0 if seed is None else seed,
         )
+        notes = facs.notes
         facs_g, facs_p = facs.split(R)
         del facs
         if sketch_dim is not None:
@@ -372,9 +402,10 @@ def measure_curvature(
             def loss_fn() -> torch.Tensor:
                 return per_sample_losses(loss, fwd(inputs), targets).mean()
 
-            res = hessian_sharpness(
-                loss_fn, plist, tol=tol, max_hvps=max_hvps, init_vector=init_vector, seed=seed
-            )
+            with sdpa_kernel(SDPBackend.MATH):
+                res = hessian_sharpness(
+                    loss_fn, plist, tol=tol, max_hvps=max_hvps, init_vector=init_vector, seed=seed
+                )
             hess, vec, hvps, resid = res.value, res.vector, res.hvp_count, res.residual
     sigma_full = _sigma_full(stats, n) if n is not None and n > m else None
     return CurvatureReport(
@@ -393,4 +424,8 @@ def measure_curvature(
         factors=factors,
         clipped_eigenvalue=oc.clipped,
         gram=gram,
+        fallback_blocks=dict(notes.fallback),
+        rechecked_blocks=dict(notes.rechecked),
+        self_check_error=notes.check_error,
+        self_check_passes=notes.check_passes,
     )
