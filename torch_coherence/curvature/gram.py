@@ -44,6 +44,7 @@ from torch import nn
 from torch.func import functional_call, vjp, vmap
 from torch.utils._pytree import tree_map
 
+from .losses.factor import column, sample_block
 from .rules import RULES, output_positions
 
 
@@ -211,7 +212,8 @@ def gram_factors(
     Args:
         model: the model (already in eval mode).
         inputs: the probe batch (tensor, or anything ``forward_fn`` takes).
-        sqrt: (m, C, R) square roots of the output Hessians (float64).
+        sqrt: (m, C, R) square roots of the output Hessians (float64): a tensor, or a
+            lazy factor whose columns are built one at a time (:mod:`.losses.factor`).
         params: the selected trainable parameters by name as in ``model.named_parameters()``.
         forward_fn: ``forward_fn(model, inputs) -> outputs`` for non-tensor batches.
         chunk_size: samples per ``vmap`` call of the fallback (default 32).
@@ -244,10 +246,10 @@ def gram_factors(
     if covered:
         mods = [mod for mod in covered if mod in records]
         outs = [o for mod in mods for _, o in records[mod]]
-        cot = sqrt.to(out.dtype).permute(2, 0, 1).reshape(R, *out.shape)
         grads: list[list[torch.Tensor]] = [[] for _ in outs]
         for r in range(R):
-            gs = torch.autograd.grad(out, outs, cot[r], retain_graph=True, allow_unused=True)
+            cot = column(sqrt, r).to(out.dtype).reshape(out.shape)
+            gs = torch.autograd.grad(out, outs, cot, retain_graph=True, allow_unused=True)
             for lst, o, g in zip(grads, outs, gs, strict=False):
                 lst.append(torch.zeros_like(o) if g is None else g)
         k = 0
@@ -307,7 +309,7 @@ def _fallback_rows(
     for s in range(0, m, chunk):
         sl = slice(s, min(s + chunk, m))
         xs = tree_map(lambda t, sl=sl: t[sl] if isinstance(t, torch.Tensor) else t, inputs)
-        g = batched(xs, sqrt[sl])
+        g = batched(xs, sample_block(sqrt, sl))
         chunks.append(
             torch.cat([g[k].reshape(g[k].shape[0], R, -1) for k in names], 2).detach().double()
         )
