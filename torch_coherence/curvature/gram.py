@@ -47,6 +47,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .layers import LayerRule, Piece, find_rule
+from .losses.factor import column, sample_block
 
 
 class Forward(nn.Module):
@@ -414,7 +415,8 @@ def gram_factors(
         model: the model (already in eval mode); compiled submodules are run eagerly
             (:func:`eager_modules`).
         inputs: the probe batch (tensor, or anything ``forward_fn`` takes).
-        sqrt: (m, C, R) square roots of the output Hessians (float64).
+        sqrt: (m, C, R) square roots of the output Hessians (float64): a tensor, or a
+            lazy factor whose columns are built one at a time (:mod:`.losses.factor`).
         params: the selected trainable parameters by name as in ``model.named_parameters()``.
         forward_fn: ``forward_fn(model, inputs) -> outputs`` for non-tensor batches.
         chunk_size: samples per ``vmap`` call of the fallback (default 32).
@@ -446,10 +448,10 @@ def gram_factors(
         labels = {mod: _user_name(name) for name, mod in fwd.named_modules()}
         live = [mod for mod in covered if mod not in bad and mod in records]
         outs = [c.out for mod in live for c in records[mod]]
-        cot = sqrt.to(out.dtype).permute(2, 0, 1).reshape(R, *out.shape)
         grads: list[list[torch.Tensor]] = [[] for _ in outs]
         for r in range(R if outs else 0):
-            gs = torch.autograd.grad(out, outs, cot[r], retain_graph=True, allow_unused=True)
+            cot = column(sqrt, r).to(out.dtype).reshape(out.shape)
+            gs = torch.autograd.grad(out, outs, cot, retain_graph=True, allow_unused=True)
             for lst, o, g in zip(grads, outs, gs, strict=True):
                 lst.append(torch.zeros_like(o) if g is None else g)
         k = 0
@@ -484,7 +486,7 @@ def gram_factors(
             self_check(
                 facs,
                 out,
-                cot,
+                sqrt,
                 blocks,
                 check,
                 seed,
@@ -531,14 +533,14 @@ def _fallback_rows(
         batched = vmap(sample_rows)
         for s in range(0, m, chunk):
             sl = slice(s, min(s + chunk, m))
-            g = batched(take(sl), sqrt[sl])
+            g = batched(take(sl), sample_block(sqrt, sl))
             for k in names:
                 chunks[k].append(g[k].detach().reshape(g[k].shape[0], R, -1).double())
     except RuntimeError:
         chunks = {k: [] for k in names}
         for i in range(m):
             xi = tree_map(lambda t, i=i: t[i] if isinstance(t, torch.Tensor) else t, inputs)
-            g = sample_rows(xi, sqrt[i])
+            g = sample_rows(xi, sample_block(sqrt, slice(i, i + 1))[0])
             for k in names:
                 chunks[k].append(g[k].detach().reshape(1, R, -1).double())
     return {k: torch.cat(v) for k, v in chunks.items()}

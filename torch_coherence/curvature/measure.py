@@ -51,11 +51,14 @@ from ..coherence import CoherenceStats, _finish, coherence_from_gram
 from ..linalg import lanczos, top_eigenvalue
 from .gram import Forward, GramFactors, eager_modules, gram_factors, sketch
 from .losses import (
+    append_columns,
     check_loss,
+    is_finite,
     output_curvature,
     output_gradients,
     per_sample_losses,
     sampled_curvature,
+    truncated_curvature,
 )
 
 #: K is formed whole when m * R is at most this (m R = 1024: 8.4 MB in float64). Above it,
@@ -90,8 +93,10 @@ class CurvatureReport:
         sharpness_vector: top Hessian eigenvector (flat float64), for ``init_vector``.
         sigma_full: the full-data sigma estimate when n > m, else None.
         n: the data-set size sigma_full refers to (m when not given).
-        factors: ``"exact"`` or ``"mc"``.
+        factors: ``"exact"``, ``"topk"`` or ``"mc"``.
         clipped_eigenvalue: most negative output-Hessian eigenvalue clipped (callable losses).
+        truncation_bound: for ``factors="topk"``, the bound reached on the per-token relative
+            error :math:`\|\Lambda_t - B_tB_t^\top\|_2/\|\Lambda_t\|_2` (0.0 otherwise).
         gram: the block Gram (m, R, m, R) when it was formed (m R <= 1024, or
             ``return_gram=True``), else None.
         fallback_blocks: parameter or module name -> why its block was computed by the
@@ -120,6 +125,7 @@ class CurvatureReport:
     factors: str
     clipped_eigenvalue: float
     gram: torch.Tensor | None
+    truncation_bound: float = 0.0
     fallback_blocks: dict[str, str] = field(default_factory=dict)
     rechecked_blocks: dict[str, float] = field(default_factory=dict)
     self_check_error: float = math.nan
@@ -236,6 +242,7 @@ def measure_curvature(
     n: int | None = None,
     factors: str = "exact",
     mc_samples: int = 1,
+    factor_tol: float = 1e-2,
     params: Sequence[str] | Sequence[torch.Tensor] | None = None,
     chunk_size: int | None = None,
     sketch_dim: int | None = None,
@@ -265,7 +272,17 @@ def measure_curvature(
             MATH.md §3: on the digits MLP (m = 256) one sampled label gave sigma 25-27
             against the exact 223, max_i lambda_1(H_i) 21-23 against 4.1, and GGN
             sharpness 1.69-1.84 against 1.69).
+            ``"topk"`` (cross-entropy / NLL): per token the classes with
+            :math:`p_c > \text{factor_tol}\cdot\max_c p_c(1-p_c)` plus one remainder row,
+            a factor with :math:`0 \preceq \Lambda_t - B_tB_t^\top \preceq` factor_tol
+            :math:`\|\Lambda_t\|_2` (curvatures are lower bounds of the exact ones; the
+            bound reached is ``report.truncation_bound``; see
+            :mod:`torch_coherence.curvature.losses.sequence`). For sequence losses
+            (logits (m, T, V)) ``"exact"`` has T V rows per sequence, ``"topk"`` about
+            T (k + 1) and ``"mc"`` ``mc_samples`` (one sampled label per token per draw,
+            summed over the sequence).
         mc_samples: sampled rows per sample for ``factors="mc"``.
+        factor_tol: relative tolerance of ``factors="topk"``.
         params: parameter names or tensors to measure (default: all trainable ones);
             frozen ones are dropped.
         chunk_size: samples per chunk of the ``torch.func`` fallback and per block of the
@@ -305,8 +322,10 @@ def measure_curvature(
     """
     t0 = time.perf_counter()
     check_loss(loss)
-    if factors not in ("exact", "mc"):
-        raise ValueError(f"factors must be 'exact' or 'mc', got {factors!r}")
+    if factors not in ("exact", "topk", "mc"):
+        raise ValueError(f"factors must be 'exact', 'topk' or 'mc', got {factors!r}")
+    if factors == "topk" and not (isinstance(factor_tol, (int, float)) and factor_tol >= 0):
+        raise ValueError(f"factor_tol must be a number >= 0, got {factor_tol!r}")
     if sharpness not in ("both", "hessian", "ggn", None):
         raise ValueError(f"sharpness must be 'both', 'hessian', 'ggn' or None, got {sharpness!r}")
     if sketch_dim is not None and (not isinstance(sketch_dim, int) or sketch_dim < 1):
@@ -351,16 +370,19 @@ def measure_curvature(
         _check_outputs(out)
         if factors == "exact":
             oc = output_curvature(loss, out, targets)
+        elif factors == "topk":
+            oc = truncated_curvature(loss, out, targets, float(factor_tol))
         else:
             gen = torch.Generator().manual_seed(0 if seed is None else seed)
             oc = sampled_curvature(loss, out, targets, mc_samples, gen)
         Bsq = oc.sqrt
-        if not torch.isfinite(Bsq).all():
-            bad = (~torch.isfinite(Bsq)).flatten(1).any(1).nonzero().flatten().tolist()
+        finite = is_finite(Bsq)
+        if not finite.all():
+            bad = (~finite).nonzero().flatten().tolist()
             raise FloatingPointError(f"non-finite output curvature at probe samples {bad[:20]}")
         grads = output_gradients(loss, out, targets)
         R = Bsq.shape[2]
-        ext = torch.cat([Bsq, grads.unsqueeze(2)], dim=2)
+        ext = append_columns(Bsq, grads.unsqueeze(2))
         facs = gram_factors(
             eager,
             inputs,
@@ -424,6 +446,7 @@ def measure_curvature(
         factors=factors,
         clipped_eigenvalue=oc.clipped,
         gram=gram,
+        truncation_bound=oc.truncation,
         fallback_blocks=dict(notes.fallback),
         rechecked_blocks=dict(notes.rechecked),
         self_check_error=notes.check_error,

@@ -33,10 +33,12 @@ wrong Gram).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
 from .gram import GramFactors
+from .losses.factor import column
 
 __all__ = ["TOL", "check_tolerance", "self_check"]
 
@@ -77,10 +79,22 @@ def _error(auto: torch.Tensor, eng: torch.Tensor, floor: float) -> float:
     return float((auto - eng).abs().max()) / scale if scale > 0 else 0.0
 
 
+def _combine(sqrt: Any, coeffs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """sum_r coeffs[i, r] b_ir for every sample i, shaped like ``out``."""
+    if isinstance(sqrt, torch.Tensor):
+        return torch.einsum("mcr,mr->mc", sqrt.to(out.dtype), coeffs.to(out.dtype)).reshape(
+            out.shape
+        )
+    u = torch.zeros(out.shape[0], out[0].numel(), dtype=out.dtype, device=out.device)
+    for r in range(coeffs.shape[1]):
+        u += column(sqrt, r).to(out.dtype) * coeffs[:, r : r + 1].to(out.dtype)
+    return u.reshape(out.shape)
+
+
 def self_check(
     facs: GramFactors,
     out: torch.Tensor,
-    cot: torch.Tensor,
+    sqrt: Any,
     blocks: dict[str, list[torch.Tensor]],
     vectors: int,
     seed: int,
@@ -92,7 +106,8 @@ def self_check(
     Args:
         facs: the factors; wrong rule blocks are replaced in place, ``facs.notes`` filled in.
         out: the model output of the recording pass (its graph retained).
-        cot: (R, *out.shape) cotangents b_r (the columns of B), in the output dtype.
+        sqrt: the (m, C, R) square roots whose columns b_r are the cotangents: a tensor or a
+            lazy factor (:mod:`.losses.factor`), combined column by column.
         blocks: block label -> its parameter tensors.
         vectors: V, the number of random coefficient vectors (one backward pass each).
         seed: seed of the coefficient vectors.
@@ -104,10 +119,9 @@ def self_check(
     c = torch.randn(vectors, m, R, generator=gen, dtype=torch.float64)
     labels = list(blocks)
     params = [p for lab in labels for p in blocks[lab]]
-    cot_flat = cot.reshape(R, m, -1)
     grads = []
     for v in range(vectors):
-        u = torch.einsum("rmc,mr->mc", cot_flat, c[v].to(cot.dtype)).reshape(out.shape)
+        u = _combine(sqrt, c[v], out)
         gs = torch.autograd.grad(out, params, u, retain_graph=True, allow_unused=True)
         grads.append(
             [
