@@ -40,7 +40,14 @@ from .dynamics import (
 
 # integrations
 from .monitor import CoherenceMonitor
-from .probe import CoherenceProbe, CoherenceProbeError, CoherenceWarning, UnstableTrainingError
+from .probe import (
+    BlowupWarning,
+    CoherenceProbe,
+    CoherenceProbeError,
+    CoherenceWarning,
+    LinearInstabilityWarning,
+    UnstableTrainingError,
+)
 from .theory import (
     StabilityReport,
     critical_batch_size,
@@ -88,9 +95,11 @@ __all__ = [
     "phase_diagram",
     "simulate_linearized_sgd",
     # integrations
+    "BlowupWarning",
     "CoherenceMonitor",
     "CoherenceProbe",
     "CoherenceProbeError",
     "CoherenceWarning",
+    "LinearInstabilityWarning",
     "UnstableTrainingError",
 ]
