@@ -20,6 +20,7 @@ from .coherence import (
 
 # curvature
 from .curvature import CurvatureReport, measure_curvature
+from .curvature.batch_sharpness import batch_sharpness
 
 # dynamics
 from .dynamics import (
@@ -37,6 +38,9 @@ from .dynamics import (
     phase_diagram,
     simulate_linearized_sgd,
 )
+
+# empirical lookahead
+from .lookahead import LookaheadResult, draw_batches, lookahead
 
 # integrations
 from .monitor import CoherenceMonitor
@@ -64,6 +68,7 @@ __version__ = "0.1.0"
 __all__ = [
     # curvature
     "CurvatureReport",
+    "batch_sharpness",
     "measure_curvature",
     # coherence
     "CoherenceStats",
@@ -94,6 +99,10 @@ __all__ = [
     "SimulationResult",
     "phase_diagram",
     "simulate_linearized_sgd",
+    # empirical lookahead
+    "LookaheadResult",
+    "draw_batches",
+    "lookahead",
     # integrations
     "BlowupWarning",
     "CoherenceMonitor",
