@@ -28,7 +28,7 @@ from torch import nn
 from ..theory import StabilityReport
 from . import messages as text
 from . import schedule as _schedule
-from .assess import Assessment, assess, effective_optimizer_params, linear_dynamics
+from .assess import Assessment, _unwrap, assess, effective_optimizer_params, linear_dynamics
 from .messages import CoherenceProbeError, CoherenceWarning, UnstableTrainingError
 from .policy import ACT_ON, CRITERIA, ON_UNSTABLE, Policy, PolicyState, set_learning_rate
 from .schedule import Schedule, count_target
@@ -637,7 +637,7 @@ class CoherenceProbe:
             batches = [(_to(x, device), _to(y, device)) for x, y in batches]
             return module.lookahead(
                 model,
-                optimizer,
+                _unwrap(optimizer),
                 self.loss,
                 batches,
                 blowup_factor=self.policy.blowup_factor,
@@ -721,7 +721,10 @@ class CoherenceProbe:
                 ``category`` is :class:`CoherenceWarning` or a subclass
                 (:class:`BlowupWarning`, :class:`LinearInstabilityWarning`).
         """
-        self.schedule.record(result.step, result.kind, result.seconds, result.next_step, result.lr)
+        base = result.seconds - sum(float(v) for v in result.updates.values())
+        self.schedule.record(
+            result.step, result.kind, result.seconds, result.next_step, result.lr, base
+        )
         self.state = result.armed
         if "lyapunov_seconds" in result.updates:
             self._lyapunov_seconds = float(result.updates["lyapunov_seconds"])

@@ -82,14 +82,16 @@ class Schedule:
         self.pending: str | None = None  # "preflight" or the reason of a trigger
         self.triggered = 0
         self.last_probe_lr: float | None = None
+        self.last_cost: float | None = None  # of the last probe without its optional parts
         self.losses: deque[float] = deque(maxlen=LOSS_WINDOW)
         self._loss_quiet_until = 0
 
     # ------------------------------------------------------------------ steps
     def count_step(self) -> None:
         """Count one optimizer step."""
-        if self.t0 is None:
-            self.t0, self.t0_steps = now(), self.steps
+        if self.t0 is None:  # work before the first step (pre-flight) is not in the clock
+            self.t0 = now() - self.probe_seconds - self.outside_seconds
+            self.t0_steps = self.steps
         self.steps += 1
 
     def start(self) -> None:
@@ -175,8 +177,25 @@ class Schedule:
         return "triggered" if self.pending is not None else "scheduled"
 
     def due(self) -> bool:
-        """Whether a probe is due now."""
-        return self.pending is not None or self.steps >= self.scheduled_step
+        """Whether a probe is due now.
+
+        A scheduled probe whose last measured cost does not fit in the budget yet is
+        postponed (the first one included, once a pre-flight probe has measured the cost).
+        """
+        if self.pending is not None:
+            return True
+        if self.steps < self.scheduled_step:
+            return False
+        if (
+            self.last_cost is not None
+            and self.t0 is not None
+            and not self.affordable(self.last_cost)
+        ):
+            self.scheduled_step = max(
+                self.next_step(self.steps, self.last_cost, 0.0), self.steps + 1
+            )
+            return False
+        return True
 
     # ------------------------------------------------------------------ budget
     def training_seconds(self) -> float:
@@ -189,7 +208,8 @@ class Schedule:
         """Whether ``seconds`` more work, after ``spent`` uncharged so far, fits the budget."""
         if self.max_overhead is None:
             return True
-        return self.probe_seconds + spent + seconds <= self.max_overhead * self.training_seconds()
+        train = self.training_seconds() - spent  # ``spent`` is probing, not training
+        return self.probe_seconds + spent + seconds <= self.max_overhead * train
 
     def charge(self, seconds: float) -> None:
         """Count ``seconds`` of diagnostic work against the time budget."""
@@ -210,10 +230,18 @@ class Schedule:
         return max(fixed, step + math.ceil(max(needed, 0.0) / per_step))
 
     def record(
-        self, step: int, kind: str, seconds: float, next_step: int, lr: float | None
+        self,
+        step: int,
+        kind: str,
+        seconds: float,
+        next_step: int,
+        lr: float | None,
+        base: float | None = None,
     ) -> None:
-        """A probe of ``kind`` ran at ``step``: clear it, charge it, move the schedule."""
+        """A probe of ``kind`` ran at ``step`` (``base`` of its ``seconds`` without the
+        optional parts): clear it, charge it, move the schedule."""
         self.last_probe_step = step
+        self.last_cost = seconds if base is None else base
         if kind == "scheduled":
             self.probe_seconds += seconds
             self.scheduled_step = max(next_step, step + 1)
