@@ -44,7 +44,14 @@ from .lookahead import LookaheadResult, draw_batches, lookahead
 
 # integrations
 from .monitor import CoherenceMonitor
-from .probe import CoherenceProbe, CoherenceProbeError, CoherenceWarning, UnstableTrainingError
+from .probe import (
+    BlowupWarning,
+    CoherenceProbe,
+    CoherenceProbeError,
+    CoherenceWarning,
+    LinearInstabilityWarning,
+    UnstableTrainingError,
+)
 from .theory import (
     StabilityReport,
     critical_batch_size,
@@ -97,9 +104,11 @@ __all__ = [
     "draw_batches",
     "lookahead",
     # integrations
+    "BlowupWarning",
     "CoherenceMonitor",
     "CoherenceProbe",
     "CoherenceProbeError",
     "CoherenceWarning",
+    "LinearInstabilityWarning",
     "UnstableTrainingError",
 ]
