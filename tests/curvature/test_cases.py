@@ -20,7 +20,7 @@ EXPECTED_FALLBACK = {
     "tied": {"emb.weight"},
     "positional": {"pos.weight"},
     "positional_T_eq_m": {"pos"},  # the module, found by the self-check
-    "encoder": {"layer.self_attn."},
+    "attention_zero_attn": {"attn."},  # add_zero_attn: no rule
     "bare_frozen": {"w"},
 }
 
