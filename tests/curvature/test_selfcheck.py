@@ -28,6 +28,7 @@ MODES = {
     # silent failure: (case, guards switched off, blocks the check must find)
     "inplace_activation": ("relu_inplace", ["copy_outputs"], {"0"}),
     "read_outside_module": ("tied", ["watch_reads"], {"emb"}),
+    "shared_output_without_sample_axis": ("positional_T_eq_m", ["expand_shared"], {"pos"}),
     "compiled_graph": (
         "compiled",
         ["unwrap_compiled", "watch_reads", "missing_calls"],

@@ -215,6 +215,7 @@ SAFEGUARDS = {
     "watch_reads": True,  # parameters read outside their module (weight tying) -> fallback
     "unwrap_compiled": True,  # torch.compile'd modules run eagerly (hooks fire)
     "missing_calls": True,  # a covered module whose hooks never ran -> fallback
+    "expand_shared": True,  # an embedding output without sample axis gets one (positions)
 }
 
 
@@ -303,18 +304,29 @@ def _split_params(
 
 
 class _ReadWatch(TorchFunctionMode):
-    """Flags covered parameters read by any torch function outside their own module's forward.
+    r"""Flags covered parameters read by any torch function outside their own module's forward.
 
     The layer rules assume a covered weight enters the model only through its module (weight
     tying such as ``F.linear(h, emb.weight)`` breaks that); such modules go to the fallback.
     Property reads (``weight.shape``) are not uses.
+
+    It also gives outputs without a sample axis their per-sample gradient: an ``nn.Embedding``
+    called on ids without the sample axis (positional embeddings of ``torch.arange(T)``) has one
+    output P (T, d) shared by all samples, added to a per-sample (m, T, d) tensor by
+    broadcasting. That addition is run with P expanded to (m, T, d) explicitly (the same
+    values), and the expanded tensor is recorded as the call's output (ids expanded alike), so
+    its gradient is the per-sample :math:`\delta_i` and the Embedding rule applies.
     """
 
-    def __init__(self, owners: dict[int, nn.Module]) -> None:
+    ADD = (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__)
+
+    def __init__(self, owners: dict[int, nn.Module], m: int) -> None:
         super().__init__()
         self.owners = owners
+        self.m = m
         self.stack: list[nn.Module] = []
         self.leaked: set[nn.Module] = set()
+        self.shared: dict[int, tuple[torch.Tensor, _Call]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -323,7 +335,26 @@ class _ReadWatch(TorchFunctionMode):
                 mod = self.owners.get(id(t)) if isinstance(t, torch.Tensor) else None
                 if mod is not None and (not self.stack or self.stack[-1] is not mod):
                     self.leaked.add(mod)
+        if self.shared and func in self.ADD and len(args) == 2:
+            args = tuple(self._expand_shared(args))
         return func(*args, **kwargs)
+
+    def _expand_shared(self, args: tuple) -> list:
+        out = list(args)
+        for j in (0, 1):
+            P, other = args[j], args[1 - j]
+            hit = self.shared.get(id(P)) if isinstance(P, torch.Tensor) else None
+            if hit is None or hit[0] is not P or not isinstance(other, torch.Tensor):
+                continue
+            if other.dim() != P.dim() + 1 or other.shape[0] != self.m:
+                continue
+            call = hit[1]
+            out[j] = P.unsqueeze(0).expand(self.m, *P.shape)
+            call.out = out[j]
+            call.x = call.x.unsqueeze(0).expand(self.m, *call.x.shape)
+            call.version = call.x._version
+            del self.shared[id(P)]
+        return out
 
 
 @dataclass
@@ -335,7 +366,7 @@ class _Call:
 
 
 def _record(
-    fwd: Forward, inputs: Any, covered: dict[nn.Module, _Covered]
+    fwd: Forward, inputs: Any, covered: dict[nn.Module, _Covered], m: int
 ) -> tuple[torch.Tensor, dict[nn.Module, list[_Call]], dict[nn.Module, str]]:
     """One forward pass with grad, recording each covered module's calls.
 
@@ -346,7 +377,7 @@ def _record(
     """
     records: dict[nn.Module, list[_Call]] = {}
     owners = {id(p): mod for mod, cov in covered.items() for p in cov.tensors}
-    watch = _ReadWatch(owners)
+    watch = _ReadWatch(owners, m)
     declined: dict[nn.Module, str] = {}
     own = [mod for mod, cov in covered.items() if hasattr(cov.rule, "recording_forward")]
 
@@ -370,8 +401,13 @@ def _record(
             watch.leaked.add(mod)
             return None
         x = args[0].detach()
-        records.setdefault(mod, []).append(_Call(x, x._version, out))
-        return out.clone() if SAFEGUARDS["copy_outputs"] else None
+        call = _Call(x, x._version, out)
+        records.setdefault(mod, []).append(call)
+        given = out.clone() if SAFEGUARDS["copy_outputs"] else out
+        unbatched = x.dim() < 2 or x.shape[0] != m
+        if isinstance(mod, nn.Embedding) and unbatched and SAFEGUARDS["expand_shared"]:
+            watch.shared[id(given)] = (given, call)  # perhaps no sample axis: see _ReadWatch
+        return given if SAFEGUARDS["copy_outputs"] else None
 
     handles = [mod.register_forward_pre_hook(pre) for mod in covered]
     handles += [mod.register_forward_hook(post) for mod in covered]
@@ -484,7 +520,7 @@ def gram_factors(
         if force == "fallback":
             fallback, covered = dict(selected), {}
         facs = GramFactors(m=m, R=R)
-        out, records, bad = _record(fwd, inputs, covered)
+        out, records, bad = _record(fwd, inputs, covered, m)
         flat = out.reshape(m, -1)
         if outputs_check is not None:
             outputs_check(flat)
