@@ -125,6 +125,22 @@ class Attention(nn.Module):
         return self.head(a)
 
 
+class SDPA(nn.Module):
+    """A GPT-style causal self-attention block calling ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(3, 12)
+        self.proj = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = Head(4, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 2).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(self.norm(self.proj(a.transpose(1, 2).reshape(x.shape[0], -1, 4))))
+
+
 class Bare(nn.Module):
     """A bare parameter used directly, a frozen Linear and a LayerNorm."""
 
@@ -197,6 +213,7 @@ CASES: dict[str, Case] = {
     "encoder": Case(Encoder, _float(3, 3)),
     "attention_masked": Case(Attention, _float(4, 3)),
     "attention_zero_attn": Case(lambda c: Attention(c, True, add_zero_attn=True), _float(4, 3)),
+    "sdpa_causal": Case(SDPA, _float(4, 3)),
     "bare_frozen": Case(Bare, _float(4)),
     "norms": Case(Norms, _float(4)),
     "compiled": Case(

@@ -42,7 +42,9 @@ def test_gram_equals_dense_reference(name, loss_name, dtype):
     assert rep.rechecked_blocks == {}
 
 
-@pytest.mark.parametrize("name", ["mlp", "resblock_bn", "lstm", "encoder", "relu_inplace", "tied"])
+@pytest.mark.parametrize(
+    "name", ["mlp", "resblock_bn", "lstm", "encoder", "sdpa_causal", "relu_inplace", "tied"]
+)
 def test_hessian_sharpness_equals_double_backward(name):
     model, ref, x, y, loss = make_problem(name, "ce", torch.float64)
     top = dense_hessian_top(ref, x, y, loss)
