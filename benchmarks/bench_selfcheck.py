@@ -1,10 +1,11 @@
 """Cost of the curvature engine's self-check on the digits MLP (prints a table).
 
-The digits MLP 64-256-256-10 (85,002 parameters, ReLU), trained 3 epochs of SGD (lr 0.1,
-batch 32), probed on m = 256 digits with cross-entropy (R = 10 rows + the gradient row). Each
-configuration is timed ``--repeats`` times (median) with ``sharpness="ggn"``; the self-check
-costs V backward passes (V = ``self_check``) of the recording graph plus V products with the
-factors. Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_selfcheck.py``.
+The digits MLP 64-256-256-10 (85,002 parameters, ReLU) of ``bench_curvature.py``, trained 3
+epochs of SGD (lr 0.1, batch 32), probed on m = 256 digits with cross-entropy (R = 10 rows +
+the gradient row). Each configuration is timed ``--repeats`` times (median) with
+``sharpness="ggn"``; the self-check costs V backward passes (V = ``self_check``) of the
+recording graph plus V products with the factors.
+Run: ``OMP_NUM_THREADS=1 python benchmarks/bench_selfcheck.py``.
 """
 
 from __future__ import annotations
@@ -12,33 +13,27 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
 from torch_coherence.curvature import measure_curvature
 
 
 def workload(m: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
-    torch.manual_seed(0)
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x / 16.0, dtype=torch.float32)
-    y = torch.tensor(y)
-    model = nn.Sequential(
-        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
-    )
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(3):
-        perm = torch.randperm(len(x))
-        for i in range(0, len(x), 32):
-            idx = perm[i : i + 32]
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-            opt.step()
-    probe = torch.randperm(len(x))[:m]
-    return model, x[probe], y[probe]
+    """The digits MLP and probe of ``bench_curvature.py`` (trained there, m = 256)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_curvature import build_workloads, load
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "workloads.pt"
+        build_workloads(path)
+        model, data = load(path, "mlp")
+    return model, data["mlp_x"][:m], data["mlp_y"][:m]
 
 
 def main() -> None:
