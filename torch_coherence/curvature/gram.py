@@ -6,24 +6,34 @@ Given square roots :math:`B_i` (m, C, R) of the output Hessians, row r of sample
 One forward pass records every covered layer's input; R backward passes of
 :math:`\sum_i b_{ir}^\top f_i` give the layer output gradients :math:`\delta_{ir}` (per sample,
 because in eval mode sample i's output depends only on sample i). K is additive over parameter
-blocks (MATH.md §3):
+blocks (``docs/theory.md`` §3):
 
-* covered layers (:mod:`.rules`): the ghost rule
-  :math:`\sum_{t,u} (\delta_{ir,t}\cdot\delta_{js,u})(a_{i,t}\cdot a_{j,u})`, or, when
-  cheaper (long t axes), the materialised per-sample gradient
+* covered modules (a registered rule of :mod:`.layers` supports them, decided before any pass):
+  the ghost rule :math:`\sum_{t,u} (\delta_{ir,t}\cdot\delta_{js,u})(a_{i,t}\cdot a_{j,u})`,
+  or, when cheaper (long t axes), the materialised per-sample gradient
   :math:`\sum_t \delta_{ir,t} a_{i,t}^\top`. Cost per pair of rows: ghost
   :math:`T^2(o + k/R^2 + 1)`, materialised :math:`o\,k` (o, k output / input widths).
 * every other trainable parameter: per-sample rows by ``torch.func`` (``functional_call`` +
   ``vmap`` over samples of ``vjp``, ``vmap`` over the R cotangents), ``chunk_size`` samples at a
-  time.
+  time; one sample at a time where the model cannot be vmapped over samples.
 
-Assumption of the layer rules: a covered module's weight and bias enter the model only
-through that module's own ``forward`` (calls are recorded by a forward hook; several calls are
-concatenated along t). Parameters shared between modules go to the fallback, and module
-subclasses (e.g. the ``out_proj`` of ``nn.MultiheadAttention``, whose weight is used outside
-its forward) are not covered. A weight that is *also* read directly by other code (manual
-weight tying such as ``F.linear(h, self.emb.weight)``) is not detected: pass such models with
-``params`` excluding it, or expect a wrong Gram for that parameter.
+Assumptions of the layer rules and how each is enforced (a module that violates one goes to the
+fallback, named with the reason in ``notes.fallback``):
+
+* a covered weight enters the model only through its module's ``forward``: parameters
+  registered in two modules are not covered, and a :class:`torch.overrides.TorchFunctionMode`
+  watches the recording pass for any read of a covered parameter outside its module (weight
+  tying ``F.linear(h, emb.weight)``);
+* the recorded tensors are the ones the model used: the forward hook hands the model a copy of
+  the layer output (so ``ReLU(inplace=True)`` after it modifies the copy) and the layer input's
+  version counter is compared after the pass (an in-place change afterwards is detected);
+* the hooks see every call: ``torch.compile``d modules run eagerly (:func:`eager_modules`) and a
+  covered module whose hooks never ran goes to the fallback;
+* the first axis of a recorded input and output is the probe's sample axis.
+
+Whatever no guard foresaw, the self-check (:mod:`.selfcheck`) catches: every block of K is
+compared with plain autograd on random coefficient vectors, a wrong block is recomputed through
+the fallback (``notes.rechecked``), and one that still disagrees raises.
 
 The result is a :class:`GramFactors` object: :meth:`GramFactors.block` gives any block
 :math:`K_{IJ}` (so a large K is never formed: S and the diagonal blocks are assembled chunk
@@ -206,6 +216,7 @@ SAFEGUARDS = {
     "watch_reads": True,  # parameters read outside their module (weight tying) -> fallback
     "unwrap_compiled": True,  # torch.compile'd modules run eagerly (hooks fire)
     "missing_calls": True,  # a covered module whose hooks never ran -> fallback
+    "expand_shared": True,  # an embedding output without sample axis gets one (positions)
 }
 
 
@@ -248,6 +259,7 @@ class _Covered:
     weight: bool
     bias: bool
     names: list[str]  # the module's selected parameter names (fallback names)
+    tensors: list[torch.Tensor]
 
 
 def _split_params(
@@ -256,8 +268,9 @@ def _split_params(
     """Covered modules (a registered rule supports them) and the fallback parameters.
 
     Decided before any pass: a module is covered when its type has a rule whose
-    ``supports(module)`` holds, it has no parameters besides ``weight``/``bias`` and none of
-    its selected parameters is registered in another module too.
+    ``supports(module)`` holds, it has no parameters besides ``weight``/``bias`` (or those the
+    rule's ``params(module)`` names, all of them selected) and none of its selected parameters
+    is registered in another module too.
     """
     ids = {id(p): k for k, p in selected.items()}
     owners: dict[int, int] = {}
@@ -270,14 +283,21 @@ def _split_params(
         rule = find_rule(mod)
         if rule is None:
             continue
-        direct = dict(mod.named_parameters(recurse=False))
-        if set(direct) - {"weight", "bias"}:
-            continue
-        sel = {k: p for k, p in direct.items() if id(p) in ids}
+        if hasattr(rule, "params"):
+            sel = rule.params(mod)
+            if any(id(p) not in ids or id(p) in taken for p in sel.values()):
+                continue
+            flags = (True, any(k.endswith("bias") for k in sel))
+        else:
+            direct = dict(mod.named_parameters(recurse=False))
+            if set(direct) - {"weight", "bias"}:
+                continue
+            sel = {k: p for k, p in direct.items() if id(p) in ids}
+            flags = ("weight" in sel, "bias" in sel)
         if not sel or any(owners[id(p)] > 1 for p in sel.values()):
             continue
         covered[mod] = _Covered(
-            rule, "weight" in sel, "bias" in sel, [ids[id(p)] for p in sel.values()]
+            rule, *flags, [ids[id(p)] for p in sel.values()], list(sel.values())
         )
         taken.update(id(p) for p in sel.values())
     fallback = {k: p for k, p in selected.items() if id(p) not in taken}
@@ -285,18 +305,29 @@ def _split_params(
 
 
 class _ReadWatch(TorchFunctionMode):
-    """Flags covered parameters read by any torch function outside their own module's forward.
+    r"""Flags covered parameters read by any torch function outside their own module's forward.
 
     The layer rules assume a covered weight enters the model only through its module (weight
     tying such as ``F.linear(h, emb.weight)`` breaks that); such modules go to the fallback.
     Property reads (``weight.shape``) are not uses.
+
+    It also gives outputs without a sample axis their per-sample gradient: an ``nn.Embedding``
+    called on ids without the sample axis (positional embeddings of ``torch.arange(T)``) has one
+    output P (T, d) shared by all samples, added to a per-sample (m, T, d) tensor by
+    broadcasting. That addition is run with P expanded to (m, T, d) explicitly (the same
+    values), and the expanded tensor is recorded as the call's output (ids expanded alike), so
+    its gradient is the per-sample :math:`\delta_i` and the Embedding rule applies.
     """
 
-    def __init__(self, owners: dict[int, nn.Module]) -> None:
+    ADD = (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__)
+
+    def __init__(self, owners: dict[int, nn.Module], m: int) -> None:
         super().__init__()
         self.owners = owners
+        self.m = m
         self.stack: list[nn.Module] = []
         self.leaked: set[nn.Module] = set()
+        self.shared: dict[int, tuple[torch.Tensor, _Call]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -305,7 +336,26 @@ class _ReadWatch(TorchFunctionMode):
                 mod = self.owners.get(id(t)) if isinstance(t, torch.Tensor) else None
                 if mod is not None and (not self.stack or self.stack[-1] is not mod):
                     self.leaked.add(mod)
+        if self.shared and func in self.ADD and len(args) == 2:
+            args = tuple(self._expand_shared(args))
         return func(*args, **kwargs)
+
+    def _expand_shared(self, args: tuple) -> list:
+        out = list(args)
+        for j in (0, 1):
+            P, other = args[j], args[1 - j]
+            hit = self.shared.get(id(P)) if isinstance(P, torch.Tensor) else None
+            if hit is None or hit[0] is not P or not isinstance(other, torch.Tensor):
+                continue
+            if other.dim() != P.dim() + 1 or other.shape[0] != self.m:
+                continue
+            call = hit[1]
+            out[j] = P.unsqueeze(0).expand(self.m, *P.shape)
+            call.out = out[j]
+            call.x = call.x.unsqueeze(0).expand(self.m, *call.x.shape)
+            call.version = call.x._version
+            del self.shared[id(P)]
+        return out
 
 
 @dataclass
@@ -313,10 +363,11 @@ class _Call:
     x: torch.Tensor  # the recorded input (detached; shares the version counter)
     version: int  # its version when recorded: a later in-place change is detected
     out: torch.Tensor  # the module's own output (the model continues with a copy)
+    tag: str = ""  # which computation inside the module (rules that record several)
 
 
 def _record(
-    fwd: Forward, inputs: Any, covered: dict[nn.Module, _Covered]
+    fwd: Forward, inputs: Any, covered: dict[nn.Module, _Covered], m: int
 ) -> tuple[torch.Tensor, dict[nn.Module, list[_Call]], dict[nn.Module, str]]:
     """One forward pass with grad, recording each covered module's calls.
 
@@ -326,30 +377,54 @@ def _record(
     (``ReLU(inplace=True)``) changes the copy, not the tensor whose gradient the rule needs.
     """
     records: dict[nn.Module, list[_Call]] = {}
-    owners = {id(p): mod for mod in covered for p in mod.parameters(recurse=False)}
-    watch = _ReadWatch(owners)
+    owners = {id(p): mod for mod, cov in covered.items() for p in cov.tensors}
+    watch = _ReadWatch(owners, m)
+    declined: dict[nn.Module, str] = {}
+    own = [mod for mod, cov in covered.items() if hasattr(cov.rule, "recording_forward")]
 
     def pre(mod: nn.Module, args: tuple) -> None:
         watch.stack.append(mod)
 
+    def recorder(mod: nn.Module) -> Callable[..., torch.Tensor]:
+        def rec(tag: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            x = x.detach()
+            records.setdefault(mod, []).append(_Call(x, x._version, out, tag))
+            return out.clone() if SAFEGUARDS["copy_outputs"] else out
+
+        rec.decline = lambda why: declined.setdefault(mod, why)  # type: ignore[attr-defined]
+        return rec
+
     def post(mod: nn.Module, args: tuple, out: Any) -> Any:
         watch.stack.pop()
+        if mod in own:
+            return None
         if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
             watch.leaked.add(mod)
             return None
         x = args[0].detach()
-        records.setdefault(mod, []).append(_Call(x, x._version, out))
-        return out.clone() if SAFEGUARDS["copy_outputs"] else None
+        call = _Call(x, x._version, out)
+        records.setdefault(mod, []).append(call)
+        given = out.clone() if SAFEGUARDS["copy_outputs"] else out
+        unbatched = x.dim() < 2 or x.shape[0] != m
+        if isinstance(mod, nn.Embedding) and unbatched and SAFEGUARDS["expand_shared"]:
+            watch.shared[id(given)] = (given, call)  # perhaps no sample axis: see _ReadWatch
+        return given if SAFEGUARDS["copy_outputs"] else None
 
     handles = [mod.register_forward_pre_hook(pre) for mod in covered]
     handles += [mod.register_forward_hook(post) for mod in covered]
+    for mod in own:
+        mod.forward = covered[mod].rule.recording_forward(mod, recorder(mod))
     try:
         with torch.enable_grad(), watch if SAFEGUARDS["watch_reads"] else contextlib.nullcontext():
             out = fwd(inputs)
     finally:
         for h in handles:
             h.remove()
+        for mod in own:
+            del mod.forward
     bad = {mod: "a parameter is read outside the module's forward" for mod in watch.leaked}
+    for mod, why in declined.items():
+        bad.setdefault(mod, why)
     for mod, calls in records.items():
         if any(c.x._version != c.version for c in calls):
             bad.setdefault(mod, "its input was modified in place after the call")
@@ -371,9 +446,15 @@ def _ghost_cheaper(T: int, k: int, o: int, R: int) -> bool:
 def _add_pieces(
     facs: GramFactors, label: str, per_call: list[list[Piece]], m: int, R: int, force: str | None
 ) -> None:
-    """Concatenate ghost pieces over calls along t (sum rows) and add them to ``facs``."""
-    for k in range(len(per_call[0])):
-        parts = [call[k] for call in per_call]
+    """Concatenate ghost pieces over calls along t (sum rows) and add them to ``facs``.
+
+    Pieces are matched across calls by their position and ``key`` (the recorded tag).
+    """
+    groups: dict[tuple[str, int], list[Piece]] = {}
+    for call in per_call:
+        for k, piece in enumerate(call):
+            groups.setdefault((piece.key, k), []).append(piece)
+    for parts in groups.values():
         if parts[0].rows is not None:
             facs.rows.append(sum(p.rows for p in parts))
             facs.row_labels.append(label)
@@ -441,7 +522,7 @@ def gram_factors(
         if force == "fallback":
             fallback, covered = dict(selected), {}
         facs = GramFactors(m=m, R=R)
-        out, records, bad = _record(fwd, inputs, covered)
+        out, records, bad = _record(fwd, inputs, covered, m)
         flat = out.reshape(m, -1)
         if outputs_check is not None:
             outputs_check(flat)
@@ -461,9 +542,10 @@ def gram_factors(
             for call in records[mod]:
                 batched = call.x.dim() > 0 and call.x.shape[0] == m and call.out.shape[0] == m
                 g = torch.stack(grads[k])
-                per_call.append(
-                    cov.rule.pieces(mod, call.x, g, cov.weight, cov.bias) if batched else None
-                )
+                pieces = cov.rule.pieces(mod, call.x, g, cov.weight, cov.bias) if batched else None
+                for piece in pieces or ():
+                    piece.key = call.tag
+                per_call.append(pieces)
                 k += 1
             if any(p is None for p in per_call):
                 bad[mod] = "its input or output has no leading sample axis of the probe's size"

@@ -47,6 +47,14 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .._validation import (
+    NonFiniteError,
+    check_probe_inputs,
+    check_probe_model,
+    check_targets,
+    embedding_id_guard,
+    forward_error,
+)
 from ..coherence import CoherenceStats, _finish, coherence_from_gram
 from ..linalg import lanczos, top_eigenvalue
 from .gram import Forward, GramFactors, eager_modules, gram_factors, sketch
@@ -180,7 +188,7 @@ def _check_outputs(out: torch.Tensor) -> None:
     bad = ~torch.isfinite(out.detach()).reshape(out.shape[0], -1).all(1)
     if bad.any():
         idx = bad.nonzero().flatten().tolist()
-        raise FloatingPointError(f"model outputs are not finite for probe samples {idx[:20]}")
+        raise NonFiniteError(f"model outputs are not finite for probe samples {idx[:20]}")
 
 
 def _stats_large(
@@ -349,6 +357,7 @@ def measure_curvature(
     if n is not None and n < m:
         raise ValueError(f"n: the data-set size {n} is smaller than the probe size {m}")
     sel = _select_params(model, params)
+    check_probe_model(model)
     pdev = {p.device for p in sel.values()}
     for name, x in (("inputs", inputs), ("targets", targets)):
         bad = {d for d in _devices(x) if d.type != next(iter(pdev)).type}
@@ -357,6 +366,8 @@ def measure_curvature(
                 f"{name}: on {sorted(map(str, bad))} but the model is on "
                 f"{sorted(map(str, pdev))}; move them to the model's device"
             )
+    if forward_fn is None:  # (a batch for forward_fn may hold masks with -inf)
+        check_probe_inputs(inputs)
     from .._state import preserved_state
 
     with preserved_state(model), eager_modules(model) as eager:
@@ -365,9 +376,20 @@ def measure_curvature(
         for p in sel.values():
             p.requires_grad_(True)
         fwd = Forward(eager, forward_fn)
-        with torch.no_grad():
-            out = fwd(inputs)
+        guards = embedding_id_guard(eager, m)
+        try:
+            with torch.no_grad():
+                out = fwd(inputs)
+        except RuntimeError as exc:
+            err = forward_error(exc, inputs, eager)
+            if err is exc:
+                raise
+            raise err from exc
+        finally:
+            for h in guards:
+                h.remove()
         _check_outputs(out)
+        check_targets(loss, out, targets)
         if factors == "exact":
             oc = output_curvature(loss, out, targets)
         elif factors == "topk":

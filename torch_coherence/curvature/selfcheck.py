@@ -25,9 +25,11 @@ ReLU), 0.32 (weight tying), 0.96-1.0 (positional embedding with T = m, compiled 
 about |s^2 - 1| for a rule whose input is scaled by s (``tests/curvature/test_selfcheck.py``).
 
 Cost: V extra backward passes of the recording graph (default V = 2) plus products with the
-factors; a block that fails is recomputed through the ``torch.func`` fallback and checked again
-with the same vectors, and a block that still fails raises ``RuntimeError`` (never a silently
-wrong Gram).
+factors. Measured on the digits MLP (64-256-256-10, 85k parameters, m = 256, cross-entropy,
+R = 11 rows; 1 thread, load 11-12 on 2 cores, ``benchmarks/bench_selfcheck.py``): the check
+took 0.06-0.08 s of a 1.6-2.0 s probe (3.5-4.3%). A block that fails is recomputed through the
+``torch.func`` fallback and checked again with the same vectors, and a block that still fails
+raises ``RuntimeError`` (never a silently wrong Gram).
 """
 
 from __future__ import annotations
