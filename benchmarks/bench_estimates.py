@@ -22,8 +22,9 @@ Parts:
     cross-checked with scipy ``eigsh`` on the same products).
 (g) sigma: the exact sigma_n (``exact_sigma``: the streaming engine on all n), then for probes
     of m = 64 / 256 (``--draws`` draws) every estimator of ``estimate_sigma``.
-(e) edge of stability: full-batch GD on ``mse_teacher`` at eta = 0.3 ... logged probe sharpness
-    (m = 64) against the true full-batch value.
+(e) edge of stability: full-batch GD from the untrained ``mse_teacher`` student at eta = 0.3
+    (2/eta = 6.67; its sharpness starts at 5.1 and GD sharpens it to 2/eta): the probe's
+    Hessian sharpness (m = 64) against the true full-batch value, and dataset_sharpness.
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/bench_estimates.py [--parts sge] [--draws 5]
 The exact sigma_n and S_n are cached in ``--cache`` (default /tmp/tc_estimates_cache).
@@ -323,7 +324,11 @@ def part_eos(eta: float, steps: int, every: int) -> None:
         f"\n(e) edge of stability: full-batch GD on mse_teacher (n = 2000), eta = {eta}, "
         f"2/eta = {2 / eta:.3f}; Hessian sharpness every {every} steps"
     )
-    model, loss, X, Y = setup("mse_teacher")
+    _, loss, X, Y = setup("mse_teacher")
+    torch.manual_seed(0)  # the untrained student: GD sharpens it up to 2/eta
+    model = nn.Sequential(
+        nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)
+    )
     opt = torch.optim.SGD(model.parameters(), lr=eta)
     vec = None
     print(
@@ -347,7 +352,8 @@ def part_eos(eta: float, steps: int, every: int) -> None:
             idx = torch.randperm(2000, generator=torch.Generator().manual_seed(step))[:64]
             probe = measure_curvature(model, X[idx], Y[idx], loss, sharpness="hessian")
             ds = dataset_sharpness(model, loss, (X, Y), kind="hessian", init_vector=vec)
-            lval = float(loss(model(X), Y))
+            with torch.no_grad():
+                lval = float(loss(model(X), Y))
             r = probe.hessian_sharpness / full.value
             if full.value > 0.9 * 2 / eta:
                 ratios.append(r)

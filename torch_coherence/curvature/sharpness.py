@@ -419,7 +419,7 @@ def dataset_sharpness(
     init_vector: torch.Tensor | None = None,
     forward_fn: Callable[[torch.nn.Module, object], torch.Tensor] | None = None,
     params: Sequence[torch.Tensor] | None = None,
-    tol: float = 1e-3,
+    tol: float = 1e-4,
     max_iter: int = 30,
 ) -> DatasetSharpness:
     r"""Sharpness of the *training loss*: :math:`\lambda_1` of its Hessian or GGN over the data.
@@ -460,7 +460,10 @@ def dataset_sharpness(
         init_vector: warm start, e.g. the previous result's ``vector``.
         forward_fn: ``forward_fn(model, inputs) -> outputs`` for non-tensor inputs.
         params: the parameters (default: all with ``requires_grad``).
-        tol: relative accuracy of the eigenvalue (Lanczos ``stop="value"``).
+        tol: relative accuracy of the eigenvalue (Lanczos ``stop="value"``). Not looser than
+            the default: measured on the digits MLP (n = 1797, Hessian), tol = 1e-3 stopped
+            on a plateau at a lower eigenvalue (13% low, 7 products) for 1 of 6 random
+            starts; tol = 1e-4 found the top one from all 6 (9-12 products).
         max_iter: the most products.
 
     Returns:
