@@ -42,6 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.utils._pytree import tree_map
 
 from .._validation import check_positive, check_sample_count
 from ..linalg import LANCZOS_STOPS, lanczos
@@ -290,19 +291,11 @@ def _batch_len(x: object) -> int:
 
 
 def _index(x: object, idx: torch.Tensor) -> object:
-    if isinstance(x, torch.Tensor):
-        return x[idx.to(x.device)]
-    return {k: _index(v, idx) for k, v in x.items()}  # type: ignore[union-attr]
+    return tree_map(lambda t: t[idx.to(t.device)] if isinstance(t, torch.Tensor) else t, x)
 
 
 def _to(x: object, device: torch.device) -> object:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    return x
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, x)
 
 
 def data_batch(data: object, idx: torch.Tensor, device: torch.device) -> tuple[object, object]:

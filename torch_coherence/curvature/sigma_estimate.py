@@ -129,17 +129,9 @@ class PerSampleCurvature:
 
 
 def _select(model: nn.Module, params: Sequence[torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    named = dict(model.named_parameters())
-    if params is None:
-        sel = {k: p for k, p in named.items() if p.requires_grad}
-    else:
-        ids = {id(p) for p in params}
-        sel = {k: p for k, p in named.items() if id(p) in ids}
-        if len(sel) != len(ids):
-            raise ValueError("params: a tensor that is not a parameter of the model")
-    if not sel:
-        raise ValueError("model/params: no trainable parameters (all have requires_grad=False)")
-    return sel
+    from .measure import _select_params
+
+    return _select_params(model, params)
 
 
 def per_sample_curvature(
