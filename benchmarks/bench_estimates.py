@@ -5,6 +5,8 @@ Setups (all trained for real with SGD before measuring, float32 models):
 * ``mlp_ce``: digits MLP 64-256-256-10, cross-entropy, 300 SGD steps (B = 32, lr 0.1), n = 1797.
 * ``mlp_ce_long``: the same MLP after 2000 steps (99.4% training accuracy): less aligned, a
   heavier tail of per-sample curvature (the hard case for a uniform probe).
+* ``demo_mlp``: the demo's 64-64-10 ReLU MLP, CE, 342 SGD steps (6 epochs of B = 32 at
+  lr 0.05, as ``torch-coherence demo`` trains it), n = 1797.
 * ``cnn_ce``: digits CNN 1x8x8 -> conv8 -> pool -> conv16 -> pool -> linear10, CE, 300 steps
   (B = 32, lr 0.1), n = 1797.
 * ``mse_teacher``: 20-64-64-1 tanh MLP on a random 20-32-1 tanh teacher plus noise, MSE,
@@ -84,6 +86,11 @@ def setup(name: str):
         loss = nn.CrossEntropyLoss()
         steps = 300 if name == "mlp_ce" else 2000
         return _sgd(model, loss, X, Y, steps, 0.1, 32, 0), loss, X, Y
+    if name == "demo_mlp":
+        X, Y = _digits()
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        loss = nn.CrossEntropyLoss()
+        return _sgd(model, loss, X, Y, 342, 0.05, 32, 0), loss, X, Y
     if name == "cnn_ce":
         X, Y = _digits()
         X = X.view(-1, 1, 8, 8)
@@ -120,7 +127,15 @@ def setup(name: str):
     raise ValueError(f"unknown setup {name!r}")
 
 
-SIGMA_SETUPS = ("mlp_ce", "cnn_ce", "mse_teacher", "bce_mlp", "mlp_ce_long", "mse_8000")
+SIGMA_SETUPS = (
+    "mlp_ce",
+    "cnn_ce",
+    "mse_teacher",
+    "bce_mlp",
+    "mlp_ce_long",
+    "mse_8000",
+    "demo_mlp",
+)
 SHARP_SETUPS = ("mlp_ce", "cnn_ce", "mse_teacher", "mse_8000")
 
 
