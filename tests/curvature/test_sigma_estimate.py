@@ -226,3 +226,13 @@ def test_sampled_pass_uses_two_phase_probabilities() -> None:
     ex = exact_sigma(model, loss, (X, Y))
     assert est.max_sample_sharpness <= ex.max_sample_sharpness
     assert 0.3 * ex.value < est.value < 3 * ex.value
+
+
+def test_estimate_sigma_errors_name_the_argument() -> None:
+    model, loss, X, Y = tiny_mlp_problem(20)
+    with pytest.raises(ValueError, match="m must be"):
+        estimate_sigma(model, loss, (X, Y), m=2)
+    with pytest.raises(ValueError, match="splits"):
+        estimate_sigma(model, loss, (X, Y), splits=-1)
+    with pytest.raises(TypeError, match="data must be"):
+        estimate_sigma(model, loss, object())

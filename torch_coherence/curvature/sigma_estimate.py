@@ -354,9 +354,10 @@ def estimate_sigma(
     from .measure import measure_curvature
 
     t0 = time.perf_counter()
-    m = int(m)
-    if m < 4:
-        raise ValueError(f"m must be an int >= 4, got {m}")
+    if isinstance(m, bool) or not isinstance(m, int) or m < 4:
+        raise ValueError(f"m must be an int >= 4, got {m!r}")
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 0:
+        raise ValueError(f"splits must be an int >= 0, got {splits!r}")
     n = data_length(data)
     sweep = per_sample_curvature(
         model,
