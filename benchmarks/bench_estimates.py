@@ -29,7 +29,10 @@ Parts:
     (2/eta = 6.67; its sharpness starts at 5.1 and GD sharpens it to 2/eta): the probe's
     Hessian sharpness (m = 64) against the true full-batch value, and dataset_sharpness.
 
-Run:  OMP_NUM_THREADS=1 python benchmarks/bench_estimates.py [--parts sge] [--draws 5]
+(t) cost: exact_sigma on the first 250 / 500 / 1000 digits against estimate_sigma and
+    dataset_sharpness on all 1797 (mlp_ce, cnn_ce).
+
+Run:  OMP_NUM_THREADS=1 python benchmarks/bench_estimates.py [--parts sget] [--draws 5]
 The exact sigma_n and S_n are cached in ``--cache`` (default /tmp/tc_estimates_cache).
 """
 
@@ -391,9 +394,36 @@ def part_eos(eta: float, steps: int, every: int) -> None:
         )
 
 
+# ------------------------------------------------------------------------ (t) timing
+def part_timing() -> None:
+    """exact_sigma on subsets of n against estimate_sigma and dataset_sharpness on all n."""
+    from torch_coherence.curvature import estimate_sigma, exact_sigma
+
+    print("\n(t) cost: exact_sigma on the first n digits vs estimates on all n = 1797")
+    for name in ("mlp_ce", "cnn_ce"):
+        model, loss, X, Y = setup(name)
+        for n in (250, 500, 1000):
+            t = time.perf_counter()
+            exact_sigma(model, loss, (X[:n], Y[:n]))
+            dt = time.perf_counter() - t
+            print(f"{name} exact_sigma n={n}: {dt:.2f} s (load {os.getloadavg()[0]:.1f})")
+        for m in (64, 256):
+            t = time.perf_counter()
+            estimate_sigma(model, loss, (X, Y), m=m)
+            dt = time.perf_counter() - t
+            print(f"{name} estimate_sigma n=1797 m={m}: {dt:.2f} s (load {os.getloadavg()[0]:.1f})")
+        t = time.perf_counter()
+        r = dataset_sharpness(model, loss, (X, Y))
+        dt = time.perf_counter() - t
+        print(
+            f"{name} dataset_sharpness ggn n=1797: {dt:.2f} s, {r.iterations} products "
+            f"(load {os.getloadavg()[0]:.1f})"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="sge")
+    ap.add_argument("--parts", default="sget")
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/tc_estimates_cache"))
     ap.add_argument("--setups", default=None, help="comma-separated subset")
@@ -412,6 +442,8 @@ def main() -> None:
         part_sigma([s for s in SIGMA_SETUPS if pick is None or s in pick], args.draws, args.cache)
     if "e" in args.parts:
         part_eos(args.eta, args.eos_steps, 20)
+    if "t" in args.parts:
+        part_timing()
     print(f"\nload at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -50,10 +50,13 @@ proportional to 1/m, :math:`\mathrm{Var}(\hat\sigma_m) \approx E(\hat\sigma_A -
 \hat\sigma_B)^2/4`, averaged over ``splits`` random splits. It measures the spread over probe
 draws, not a bias; the measured errors are in ``docs/estimates.md``.
 
-Measured (``benchmarks/bench_estimates.py``, ``docs/estimates.md``): on 6 model/data pairs
-with n = 1797-2000 the PPS estimate at m = 256 was within 5% of the exact sigma_n in every
-draw, at m = 64 within about 15%; the rescaled estimator on a uniform probe with the probe's
-own max was off by -35% to +100% on the less aligned ones.
+Measured (``benchmarks/bench_estimates.py``, ``docs/estimates.md``, 5 draws each): on 7
+model/data pairs with n = 1797-2000 (digits MLPs and CNN with CE, an MSE teacher-student
+net, a BCE MLP) the PPS estimate at m = 256 was within 3% of the exact sigma_n in every
+draw, at m = 64 within 16%; the rescaled estimator on a uniform probe with the probe's own
+maximum was off by up to +187% (m = 64) and +81% (m = 256). With the pass on a sample of
+2048 of n = 8000 the denominator is the maximum over that sample and sigma leans high (+1%
+to +6% at m = 256), which the stderr does not include.
 """
 
 from __future__ import annotations
