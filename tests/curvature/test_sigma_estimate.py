@@ -236,3 +236,13 @@ def test_estimate_sigma_errors_name_the_argument() -> None:
         estimate_sigma(model, loss, (X, Y), splits=-1)
     with pytest.raises(TypeError, match="data must be"):
         estimate_sigma(model, loss, object())
+
+
+def test_a_dataset_of_pairs_gives_the_same_estimate_as_tensors() -> None:
+    from torch.utils.data import TensorDataset
+
+    model, loss, X, Y = tiny_mlp_problem(50)
+    a = estimate_sigma(model, loss, (X, Y), m=16, seed=2)
+    b = estimate_sigma(model, loss, TensorDataset(X, Y), m=16, seed=2, batch_size=9)
+    assert b.value == pytest.approx(a.value, rel=1e-9)
+    assert b.stderr == pytest.approx(a.stderr, rel=1e-9)
