@@ -10,8 +10,8 @@ Two categories carry a verdict, and they mean different things:
   move to flatter weights, not necessarily with divergence (``docs/theory.md §8``).
 
 Everything else (approaching a threshold, the edge of stability, learning rate 0, a failed
-probe, configuration notes) is a plain :class:`CoherenceWarning`. No text here says that
-training "will diverge".
+probe, configuration notes) is a plain :class:`CoherenceWarning`. No text here says
+that training diverges.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ each optimizer step. The parts, each in its own module:
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 from collections.abc import Callable
@@ -147,11 +148,10 @@ def _default_engine(*args: Any, **kwargs: Any) -> Any:
 
 def _default_lookahead() -> Any:
     """The module :mod:`torch_coherence.lookahead`, or ``None`` where it is not installed."""
-    try:
-        from .. import lookahead as module
+    try:  # by module path: the package exports a function of the same name
+        return importlib.import_module("torch_coherence.lookahead")
     except ImportError:
         return None
-    return module
 
 
 def _preserved(model: nn.Module) -> Any:
