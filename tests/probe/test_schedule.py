@@ -174,3 +174,20 @@ def test_sub_millisecond_steps_trade_probes_for_the_budget(monkeypatch) -> None:
     assert probes == 1 and budgeted == 0.0  # the pre-flight probe only
     probes, budgeted, _, train = _fit(monkeypatch, 20_000, 0.0005, 0.025, 0.05)
     assert 5 <= probes - 1 <= 12 and budgeted / train <= 0.03
+
+
+def test_state_dict_keeps_the_triggers_and_reads_the_old_format() -> None:
+    probe = scripted_probe(every_n_steps=50, max_triggered=3)
+    probe.start()
+    _settled(probe, lr=0.1)
+    probe.count_step()
+    assert probe.observe(math.nan, 0.1)
+    probe.run(nn.Linear(3, 2), sgd(0.1), B, warn=collect([]))
+    state = probe.state_dict()
+    assert state["triggered"] == 1 and state["last_probe_lr"] == 0.1
+    fresh = scripted_probe(every_n_steps=50, max_triggered=3)
+    fresh.load_state_dict(state)
+    assert fresh.armed == probe.armed and fresh.schedule.last_probe_lr == 0.1
+    old = {"steps": 3, "last_probe_step": 3, "armed": [False, True, True], "history": []}
+    fresh.load_state_dict(old)
+    assert not fresh.armed.approach and fresh.armed.linear and fresh.next_probe_step == 4
