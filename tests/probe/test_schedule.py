@@ -191,3 +191,33 @@ def test_state_dict_keeps_the_triggers_and_reads_the_old_format() -> None:
     old = {"steps": 3, "last_probe_step": 3, "armed": [False, True, True], "history": []}
     fresh.load_state_dict(old)
     assert not fresh.armed.approach and fresh.armed.linear and fresh.next_probe_step == 4
+
+
+def test_due_reads_no_clock_and_a_postponed_probe_measures_nothing(monkeypatch) -> None:
+    """due() is the same on every DDP rank; the measuring rank postpones a probe that does
+    not fit, and the postponement travels in the (broadcast) result."""
+    clock = [0.0]
+    monkeypatch.setattr(S, "now", lambda: clock[0])
+    engine = ScriptedEngine(clock=clock, cost=1.0)
+    probe = scripted_probe(engine, every_n_steps=10, max_overhead=0.03)
+    rank1 = scripted_probe(ScriptedEngine(), every_n_steps=10, max_overhead=0.03)
+    probe.start()
+    rank1.start()
+    opt, model = sgd(0.01), nn.Linear(3, 2)
+    for p in (probe, rank1):
+        assert p.due()
+    res = probe.measure(model, opt, B)
+    for p in (probe, rank1):
+        p.commit(res, opt, warn=collect([]))
+    for _ in range(10):
+        clock[0] += 0.01
+        for p in (probe, rank1):
+            p.count_step()
+    assert probe.due() and rank1.due()
+    calls = len(engine.calls)
+    res = probe.measure(model, opt, B)
+    assert res.kind == "postponed" and not res.metrics and len(engine.calls) == calls
+    for p in (probe, rank1):
+        p.commit(res, opt, warn=collect([]))
+        assert not p.due() and p.next_probe_step == res.next_step > 1000
+    assert len(probe.history) == len(rank1.history) == 1

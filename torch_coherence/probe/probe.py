@@ -27,9 +27,11 @@ import torch
 from torch import nn
 
 from ..theory import StabilityReport
+from . import data as _data
 from . import messages as text
 from . import schedule as _schedule
 from .assess import Assessment, _unwrap, assess, effective_optimizer_params, linear_dynamics
+from .data import sample_probe
 from .messages import CoherenceProbeError, CoherenceWarning, UnstableTrainingError
 from .policy import ACT_ON, CRITERIA, ON_UNSTABLE, Policy, PolicyState, set_learning_rate
 from .schedule import Schedule, count_target
@@ -89,7 +91,9 @@ class ProbeResult:
         new_lr: the learning rate set by ``on_unstable="adjust_lr"``, else ``None``.
         raise_error: whether :meth:`CoherenceProbe.commit` raises.
         next_step: the optimizer-step count at which the next scheduled probe is due.
-        kind: ``"scheduled"``, ``"preflight"`` or ``"triggered"``.
+        kind: ``"scheduled"``, ``"preflight"``, ``"triggered"``, or ``"postponed"``: a
+            scheduled probe whose cost did not fit in the budget yet; nothing was measured
+            (no metrics, no history entry), only ``next_step`` moves.
         trigger: why a triggered probe ran, else ``None``.
         lr: the learning rate the probe saw (``None`` when it could not be read).
         seconds: wall time of the probe.
@@ -356,15 +360,15 @@ class CoherenceProbe:
         A dataset (a loader's dataset) is kept as :attr:`train_dataset`, from which the
         lookahead draws its batches; explicit tensors serve as that dataset themselves.
         """
-        if isinstance(probe, (tuple, list)) and len(probe) == 2 and _is_batch_like(probe[0]):
+        if isinstance(probe, (tuple, list)) and len(probe) == 2 and _data.is_batch_like(probe[0]):
             inputs, targets = probe
-            if _length(inputs) < 1 or _length(inputs) != _length(targets):
+            if _data.length(inputs) < 1 or _data.length(inputs) != _data.length(targets):
                 raise ValueError(
                     "probe must be an (inputs, targets) pair with the same, non-zero number "
-                    f"of examples, got {_length(inputs)} and {_length(targets)}"
+                    f"of examples, got {_data.length(inputs)} and {_data.length(targets)}"
                 )
-            self._batch = (_detach(inputs), _detach(targets))
-            self.train_dataset = _Pairs(*self._batch)
+            self._batch = (_data.detach(inputs), _data.detach(targets))
+            self.train_dataset = _data.Pairs(*self._batch)
         else:
             dataset = getattr(probe, "dataset", probe)
             if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
@@ -380,7 +384,7 @@ class CoherenceProbe:
         assert self._batch is not None
         if self._device_batch is None or self._device_batch[2] != device:
             x, y = self._batch
-            self._device_batch = (_to(x, device), _to(y, device), device)
+            self._device_batch = (_data.to(x, device), _data.to(y, device), device)
         return self._device_batch[0], self._device_batch[1]
 
     # ------------------------------------------------------------------ schedule
@@ -444,6 +448,10 @@ class CoherenceProbe:
         :meth:`due` true at once (outside the time budget; at most ``max_triggered`` per
         fit).
 
+        Under DDP :meth:`due` must agree on every rank (rank zero measures, the others wait
+        for its result): pass every rank the same values (the loss averaged over the ranks,
+        or rank zero's broadcast), or call it on every rank with the same flags.
+
         Args:
             loss: the training loss of the step just taken (a float or a 0-d tensor).
             lr: the optimizer's current (largest) learning rate.
@@ -491,6 +499,10 @@ class CoherenceProbe:
             raise ValueError("loss is not set: pass loss= (e.g. torch.nn.CrossEntropyLoss())")
         if self.dataset_size is None:
             raise ValueError("dataset_size is not set: pass dataset_size= (n, the train size)")
+        if kind == "scheduled":
+            later = self.schedule.postponed_step()
+            if later is not None:  # its cost does not fit yet: no measurement
+                return ProbeResult(step=step, armed=self.state, next_step=later, kind="postponed")
         start = _schedule.now()
         lr = None
         try:
@@ -566,7 +578,7 @@ class CoherenceProbe:
             mean_grad_sq=grad_sq,
             mean_square_rate=self.mean_square_rate,
             seed=self.seed,
-            m=_length(inputs),
+            m=_data.length(inputs),
         )
         return assessment, curv
 
@@ -634,7 +646,7 @@ class CoherenceProbe:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         with _preserved(model):
             batches = module.draw_batches(self.train_dataset, size, steps, gen)
-            batches = [(_to(x, device), _to(y, device)) for x, y in batches]
+            batches = [(_data.to(x, device), _data.to(y, device)) for x, y in batches]
             return module.lookahead(
                 model,
                 _unwrap(optimizer),
@@ -725,6 +737,8 @@ class CoherenceProbe:
         self.schedule.record(
             result.step, result.kind, result.seconds, result.next_step, result.lr, base
         )
+        if result.kind == "postponed":
+            return
         self.state = result.armed
         if "lyapunov_seconds" in result.updates:
             self._lyapunov_seconds = float(result.updates["lyapunov_seconds"])
@@ -781,80 +795,6 @@ class CoherenceProbe:
         self.schedule.load_state_dict(state)
         self.state = PolicyState.from_saved(state["armed"])
         self.history = [dict(h) for h in state["history"]]
-
-
-def sample_probe(dataset: Any, size: int, seed: int) -> tuple[Any, Any]:
-    """Draw ``size`` examples (all if fewer) without replacement, seeded, and collate them.
-
-    Uses its own generator: the global RNG is untouched.
-    """
-    n = len(dataset)
-    if n < 1:
-        raise ValueError("probe dataset is empty")
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(n, generator=gen)[: min(size, n)].sort().values
-    samples = [dataset[int(i)] for i in idx]
-    batch = torch.utils.data.default_collate(samples)
-    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-        raise ValueError(
-            "probe dataset samples must be (input, target) pairs; pass explicit tensors as "
-            "probe=(inputs, targets) otherwise"
-        )
-    return _detach(batch[0]), _detach(batch[1])
-
-
-class _Pairs:
-    """Explicit ``(inputs, targets)`` tensors as a map-style dataset (for the lookahead)."""
-
-    def __init__(self, inputs: Any, targets: Any) -> None:
-        self.inputs, self.targets = inputs, targets
-
-    def __len__(self) -> int:
-        return _length(self.inputs)
-
-    def __getitem__(self, i: int) -> tuple[Any, Any]:
-        return _index(self.inputs, i), _index(self.targets, i)
-
-
-def _index(x: Any, i: int) -> Any:
-    if isinstance(x, dict):
-        return {k: _index(v, i) for k, v in x.items()}
-    return x[i]
-
-
-def _is_batch_like(x: Any) -> bool:
-    """Inputs of an explicit probe pair: a tensor or a dict of tensors."""
-    return isinstance(x, (torch.Tensor, dict))
-
-
-def _length(x: Any) -> int:
-    if isinstance(x, torch.Tensor):
-        return int(x.shape[0]) if x.dim() else 0
-    if isinstance(x, dict):
-        return _length(next(iter(x.values())))
-    if isinstance(x, (tuple, list)):
-        return _length(x[0])
-    return 0
-
-
-def _detach(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().clone()
-    if isinstance(x, dict):
-        return {k: _detach(v) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_detach(v) for v in x)
-    return x
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    return x
 
 
 def _mean_gradient_sq_norm(
