@@ -209,9 +209,9 @@ class CoherenceProbe:
             and the typical critical learning rate where it crosses 0, on the first
             :data:`~torch_coherence.probe.assess.LYAPUNOV_SAMPLES` probe examples standing
             for the n training examples. It costs about 1 s (64 examples, 10 classes, one
-            CPU thread): it runs at the pre-flight probe and, at scheduled probes, only when
-            it fits in the budget. Needs the probe's block Gram (m R <= 1024, or
-            ``engine_kwargs={"return_gram": True}``).
+            CPU thread; more on a loaded machine): it runs only when it fits in the budget
+            (at every probe with ``max_overhead=None``). Needs the probe's block Gram
+            (m R <= 1024, or ``engine_kwargs={"return_gram": True}``).
         criterion: the linear verdict, one of :data:`~torch_coherence.probe.policy.CRITERIA`
             (default ``"typical"``: gamma > 0; Theorem 1 when gamma is not available). It is
             warned with :class:`LinearInstabilityWarning`: "expect a loss spike or a move to
@@ -591,8 +591,8 @@ class CoherenceProbe:
         kind: str,
         start: float,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The optional parts: gamma and the lookahead (outside the budget at pre-flight and
-        triggered probes, within it at scheduled ones)."""
+        """The optional parts: gamma (within the budget at every probe) and the lookahead
+        (outside the budget at pre-flight and triggered probes, within it at scheduled ones)."""
         extras: dict[str, Any] = {"lookahead": None, "lookahead_error": None}
         updates: dict[str, Any] = {}
         has_gram = getattr(curv, "gram", None) is not None
@@ -600,7 +600,8 @@ class CoherenceProbe:
         positive = assessment.report is not None
         spent = _schedule.now() - start
         if self.lyapunov and has_gram and positive:
-            if kind == "preflight" or self.schedule.affordable(self._lyapunov_seconds, spent):
+            # seconds to tens of seconds: within the budget at every kind of probe
+            if self.schedule.affordable(self._lyapunov_seconds, spent):
                 t0 = _schedule.now()
                 assessment.metrics.update(
                     linear_dynamics(curv, assessment, lyapunov=True, seed=self.seed)
