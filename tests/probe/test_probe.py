@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from probe.fakes import SHARP, SIGMA, B, N, ScriptedEngine
 from torch import nn
 
 from torch_coherence.optim import SAM
@@ -24,32 +25,6 @@ from torch_coherence.probe import (
     sample_probe,
 )
 from torch_coherence.theory import critical_lr
-
-N, B, SIGMA, SHARP = 1000, 10, 4.0, 2.0
-
-
-class ScriptedEngine:
-    """Returns the sharpness and sigma it is told (the probe's logic, not the maths)."""
-
-    def __init__(self, sharpness: float = SHARP, sigma: float = SIGMA) -> None:
-        self.sharpness, self.sigma, self.calls = sharpness, sigma, []
-
-    def __call__(self, model, inputs, targets, loss, **kwargs):
-        self.calls.append(kwargs)
-        if isinstance(self.sharpness, Exception):
-            raise self.sharpness
-        stats = SimpleNamespace(
-            sigma=self.sigma,
-            lambda_S=self.sigma * 3.0,
-            max_sample_sharpness=3.0,
-            sharpness=self.sharpness,
-        )
-        return SimpleNamespace(
-            stats=stats,
-            hessian_sharpness=self.sharpness * 1.1,
-            ggn_sharpness=self.sharpness,
-            gradient_noise_scale=12.0,
-        )
 
 
 def _probe(engine: ScriptedEngine, **kw) -> CoherenceProbe:
