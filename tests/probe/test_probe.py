@@ -524,3 +524,24 @@ def test_adjust_lr_never_raises_the_learning_rate() -> None:
     res = probe.run(nn.Linear(3, 2), _opt(6.0), 1, warn=lambda _m, _c: None)
     assert res.new_lr is not None and res.new_lr <= 0.5 * 6.0
     assert res.new_lr == pytest.approx(0.5 * res.metrics["stability/typical_critical_lr"])
+
+
+def test_one_tag_list_with_descriptions() -> None:
+    from torch_coherence.probe import CONDITIONAL_TAGS, TAG_DESCRIPTIONS
+
+    assert list(TAG_DESCRIPTIONS) == list(TAGS) and len(set(TAGS)) == len(TAGS)
+    assert set(CONDITIONAL_TAGS) <= set(TAGS)
+    contract = {
+        "coherence/sigma",
+        "coherence/sigma_n",
+        "coherence/sigma_stderr",
+        "coherence/sigma_probe",
+        "probe/size",
+        "sharpness/samples",
+        "stability/blowup_lr",
+        "stability/critical_lr",
+        "stability/typical_critical_lr",
+        "stability/lyapunov",
+        "stability/mean_square_rate",
+    }
+    assert contract <= set(TAGS)

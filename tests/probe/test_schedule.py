@@ -221,3 +221,17 @@ def test_due_reads_no_clock_and_a_postponed_probe_measures_nothing(monkeypatch) 
         p.commit(res, opt, warn=collect([]))
         assert not p.due() and p.next_probe_step == res.next_step > 1000
     assert len(probe.history) == len(rank1.history) == 1
+
+
+def test_a_probe_after_a_non_finite_loss_says_training_blew_up() -> None:
+    probe = scripted_probe(ScriptedEngine(FloatingPointError("non-finite output curvature")))
+    probe.schedule.last_probe_lr = 0.01
+    for value in [1.0] * 20:
+        probe.count_step()
+        probe.observe(value, 0.01)
+    probe.count_step()
+    assert probe.observe(math.inf, 0.01)
+    seen: list = []
+    res = probe.run(nn.Linear(3, 2), sgd(0.01), B, warn=collect(seen))
+    assert res.error and "training has blown up: non-finite training loss inf" in seen[0][0]
+    assert "failed" not in seen[0][0]

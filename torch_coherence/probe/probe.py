@@ -700,7 +700,10 @@ class CoherenceProbe:
         lr: float | None,
     ) -> ProbeResult:
         raising = self.policy.on_unstable == "raise"
-        msg = text.failed(step, err, raising)
+        if trigger is not None and trigger.startswith("non-finite"):
+            msg = text.blown_up(step, trigger, err, raising)
+        else:
+            msg = text.failed(step, err, raising)
         return ProbeResult(
             step=step,
             error=msg,
