@@ -99,3 +99,32 @@ def test_symmetric_eigh_falls_back_to_scipy_when_lapack_fails(monkeypatch):
     torch.testing.assert_close(w, ref_w, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(V @ torch.diag(w) @ V.T, A, rtol=1e-10, atol=1e-10)
     assert w.dtype == A.dtype
+
+
+@pytest.mark.parametrize("max_iter", [1, 7, 40])
+def test_lanczos_basis_is_one_buffer_and_never_copied(max_iter, gen, monkeypatch) -> None:
+    """The Krylov basis is preallocated: no stack/cat of basis vectors per iteration.
+
+    Stopped early (max_iter below convergence) the Ritz pair must still be consistent: the
+    returned vector's Rayleigh quotient is the returned value.
+    """
+    A = random_psd(gen, 400, 60)
+    copies = []
+    for name in ("stack", "cat", "vstack"):
+        real = getattr(torch, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            copies.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, spy)
+    res = linalg.lanczos(lambda x: A @ x, torch.ones(400, dtype=F64), tol=1e-12, max_iter=max_iter)
+    monkeypatch.undo()
+    assert copies == []
+    assert res.matvecs == max_iter or (max_iter == 40 and res.converged)
+    v = res.vector
+    assert float(v @ A @ v) == pytest.approx(res.value, rel=1e-10)
+    ref = float(torch.linalg.eigvalsh(A)[-1])
+    assert res.value <= ref * (1 + 1e-12)
+    if max_iter == 40:
+        assert res.value == pytest.approx(ref, rel=1e-9)

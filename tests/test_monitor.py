@@ -148,3 +148,25 @@ def test_shared_options_have_the_probes_names_and_defaults() -> None:
     cb = CoherenceCallback(every_n_steps=7, max_overhead=None, seed=3, sharpness="ggn")
     assert (cb.probe.every_n_steps, cb.probe.max_overhead, cb.probe.seed) == (7, None, 3)
     assert cb.probe.sharpness == "ggn"
+
+
+def test_start_is_the_pre_flight_probe_and_the_loss_guard_triggers() -> None:
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monitor = CoherenceMonitor(
+        model, nn.functional.cross_entropy, _data(), max_overhead=None, every_n_steps=100
+    )
+    assert isinstance(monitor.probe.loss, nn.CrossEntropyLoss)  # the function's module
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    result = monitor.start(opt, batch_size=8)
+    assert result.step == 0 and [h["step"] for h in monitor.history] == [0]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert monitor.step(opt, 8, loss=torch.tensor(0.7)) is None  # finite: nothing due
+    triggered = monitor.step(opt, 8, loss=torch.tensor(float("nan")))
+    assert triggered is not None and triggered.step == 2
+
+
+def test_unsupported_loss_names_the_accepted_kinds() -> None:
+    with pytest.raises(ValueError, match=r"loss: .*Accepted: .*F\.mse_loss"):
+        CoherenceMonitor(_model(), nn.SmoothL1Loss(), _data())

@@ -4,6 +4,9 @@ The public API, grouped by concept:
 
 * coherence (paper 000, Definition 2): :func:`coherence_from_hessians`,
   :func:`coherence_from_factors`, :func:`coherence_from_gram`, :class:`CoherenceStats`.
+* estimates over the whole training set (not a probe): :func:`dataset_sharpness`,
+  :func:`estimate_sigma`, :func:`exact_sigma`, with :class:`DatasetSharpness` and
+  :class:`SigmaEstimate` (each value says the n it refers to).
 * stability theory (paper 000 Theorems 1-2, paper 002 Theorem C.8): :func:`stability_report`,
   :class:`StabilityReport`, :func:`theorem1_threshold`, :func:`theorem2_bound`,
   :func:`gd_threshold`, :func:`sam_threshold`, :func:`critical_lr`,
@@ -19,7 +22,15 @@ from .coherence import (
 )
 
 # curvature
-from .curvature import CurvatureReport, measure_curvature
+from .curvature import (
+    CurvatureReport,
+    DatasetSharpness,
+    SigmaEstimate,
+    dataset_sharpness,
+    estimate_sigma,
+    exact_sigma,
+    measure_curvature,
+)
 from .curvature.batch_sharpness import batch_sharpness
 
 # dynamics
@@ -70,6 +81,12 @@ __all__ = [
     "CurvatureReport",
     "batch_sharpness",
     "measure_curvature",
+    # estimates over the whole training set
+    "DatasetSharpness",
+    "SigmaEstimate",
+    "dataset_sharpness",
+    "estimate_sigma",
+    "exact_sigma",
     # coherence
     "CoherenceStats",
     "UndefinedCoherenceError",

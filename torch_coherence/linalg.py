@@ -132,16 +132,19 @@ def lanczos(
         raise ValueError("v0 must be finite and non-zero")
     q = q / nrm
     dim = q.numel()
-    basis = [q]
+    steps = min(max_iter, dim)
+    # the Krylov basis, preallocated: one (steps, dim) buffer and views of its first rows
+    basis = torch.empty(steps, dim, dtype=torch.float64, device=q.device)
+    basis[0] = q
     alphas: list[float] = []
     betas: list[float] = []
     theta, s, residual, converged = 0.0, torch.ones(1, dtype=torch.float64), math.inf, False
-    for j in range(min(max_iter, dim)):
+    for j in range(steps):
         w = matvec(basis[j]).detach().to(torch.float64).reshape(-1)
         if w.numel() != dim:
             raise ValueError(f"matvec returned {w.numel()} entries for a vector of {dim}")
         alphas.append(float(w @ basis[j]))
-        Q = torch.stack(basis)
+        Q = basis[: j + 1]
         # two passes of classical Gram-Schmidt keep the basis orthogonal to working precision
         w = w - Q.T @ (Q @ w)
         w = w - Q.T @ (Q @ w)
@@ -171,10 +174,11 @@ def lanczos(
         if j + 1 == dim:
             converged = True
             break
+        if j + 1 == steps:
+            break
         betas.append(beta)
-        basis.append(w / beta)
-    Q = torch.stack(basis[: s.numel()])
-    vec = Q.T @ s
+        basis[j + 1] = w / beta
+    vec = basis[: s.numel()].T @ s
     vec = vec / torch.linalg.vector_norm(vec)
     return EigResult(theta, vec, len(alphas), residual, converged)
 

@@ -35,16 +35,19 @@ Lanczos on :math:`\lambda_1(K)`), e.g. for a ghost layer
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, vjp, vmap
-from torch.utils._pytree import tree_map
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
 
-from .rules import RULES, output_positions
+from .layers import LayerRule, Piece, find_rule
+from .losses.factor import column, sample_block
 
 
 class Forward(nn.Module):
@@ -65,6 +68,26 @@ class _Ghost:
     a: torch.Tensor  # (m, T, k) float64, or (m, T) ids
     d: torch.Tensor  # (m, R, T, o) float64
     index: bool
+    label: str = ""  # the module it belongs to
+
+
+@dataclass
+class EngineNotes:
+    """How K was assembled and how well it agreed with autograd.
+
+    Attributes:
+        fallback: parameter or module name -> why it went to the ``torch.func`` fallback
+            before the check (no rule, parameter read outside its module, ...).
+        rechecked: blocks the self-check found wrong and recomputed through the fallback,
+            with their relative error before.
+        check_error: largest relative error of any block after corrections (nan: no check).
+        check_passes: backward passes the self-check used.
+    """
+
+    fallback: dict[str, str] = field(default_factory=dict)
+    rechecked: dict[str, float] = field(default_factory=dict)
+    check_error: float = float("nan")
+    check_passes: int = 0
 
 
 @dataclass
@@ -75,6 +98,8 @@ class GramFactors:
     R: int
     ghosts: list[_Ghost] = field(default_factory=list)
     rows: list[torch.Tensor] = field(default_factory=list)  # each (m, R, P) float64
+    row_labels: list[str] = field(default_factory=list)  # the block of each rows entry
+    notes: EngineNotes = field(default_factory=EngineNotes)
 
     def block(self, I: slice, J: slice) -> torch.Tensor:  # noqa: E741
         """K_{IJ} of shape (|I|, R, |J|, R), float64."""
@@ -144,13 +169,23 @@ class GramFactors:
     def split(self, r: int) -> tuple[GramFactors, GramFactors]:
         """Factors of the first r rows and of the remaining rows (no copies)."""
         head, tail = GramFactors(m=self.m, R=r), GramFactors(m=self.m, R=self.R - r)
+        head.notes = tail.notes = self.notes
         for g in self.ghosts:
-            head.ghosts.append(_Ghost(a=g.a, d=g.d[:, :r], index=g.index))
-            tail.ghosts.append(_Ghost(a=g.a, d=g.d[:, r:], index=g.index))
-        for rows in self.rows:
+            head.ghosts.append(_Ghost(a=g.a, d=g.d[:, :r], index=g.index, label=g.label))
+            tail.ghosts.append(_Ghost(a=g.a, d=g.d[:, r:], index=g.index, label=g.label))
+        for rows, label in zip(self.rows, self.row_labels, strict=True):
             head.rows.append(rows[:, :r])
             tail.rows.append(rows[:, r:])
+            head.row_labels.append(label)
+            tail.row_labels.append(label)
         return head, tail
+
+    def replace(self, label: str, rows: torch.Tensor) -> None:
+        """Drop every entry of block ``label`` and add ``rows`` (m, R, P) in its place."""
+        self.ghosts = [g for g in self.ghosts if g.label != label]
+        keep = [i for i, lab in enumerate(self.row_labels) if lab != label]
+        self.rows = [self.rows[i] for i in keep] + [rows]
+        self.row_labels = [self.row_labels[i] for i in keep] + [label]
 
     def diag_blocks(self, chunk: int) -> torch.Tensor:
         """K_ii for all i, (m, R, R)."""
@@ -163,36 +198,202 @@ class GramFactors:
         return torch.cat(outs)
 
 
+#: The engine's up-front guards against the layer rules' assumptions, each named after the
+#: silent failure it prevents. Only tests switch them off, to show that the self-check
+#: (:mod:`.selfcheck`) catches the same failure on its own.
+SAFEGUARDS = {
+    "copy_outputs": True,  # in-place ops after a layer (ReLU(inplace=True)) see a copy
+    "watch_reads": True,  # parameters read outside their module (weight tying) -> fallback
+    "unwrap_compiled": True,  # torch.compile'd modules run eagerly (hooks fire)
+    "missing_calls": True,  # a covered module whose hooks never ran -> fallback
+}
+
+
+@contextlib.contextmanager
+def eager_modules(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with every ``torch.compile``d submodule replaced by its eager module.
+
+    A compiled module (``torch._dynamo`` ``OptimizedModule``) runs a graph in which module hooks
+    do not fire and whose backward is not twice differentiable, so the probe runs the eager
+    module it wraps (``_orig_mod``): the same parameters and the same function. The swap is
+    undone on exit. Yields the eager root (``model`` itself unless it is compiled).
+    """
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    def inner(mod: nn.Module) -> nn.Module:
+        while isinstance(mod, OptimizedModule):
+            mod = mod._orig_mod
+        return mod
+
+    if not SAFEGUARDS["unwrap_compiled"]:
+        yield model
+        return
+    root = inner(model)
+    swaps = []
+    for parent in list(root.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, OptimizedModule):
+                swaps.append((parent, name, child))
+                parent._modules[name] = inner(child)
+    try:
+        yield root
+    finally:
+        for parent, name, child in reversed(swaps):
+            parent._modules[name] = child
+
+
+@dataclass
+class _Covered:
+    rule: LayerRule
+    weight: bool
+    bias: bool
+    names: list[str]  # the module's selected parameter names (fallback names)
+
+
 def _split_params(
     fwd: Forward, selected: dict[str, torch.Tensor]
-) -> tuple[dict[nn.Module, tuple[bool, bool]], dict[str, torch.Tensor]]:
-    """Covered modules (with which of weight / bias are selected) and fallback parameters."""
-    owners: dict[int, list[nn.Module]] = {}
+) -> tuple[dict[nn.Module, _Covered], dict[str, torch.Tensor]]:
+    """Covered modules (a registered rule supports them) and the fallback parameters.
+
+    Decided before any pass: a module is covered when its type has a rule whose
+    ``supports(module)`` holds, it has no parameters besides ``weight``/``bias`` and none of
+    its selected parameters is registered in another module too.
+    """
+    ids = {id(p): k for k, p in selected.items()}
+    owners: dict[int, int] = {}
     for mod in fwd.modules():
         for p in mod.parameters(recurse=False):
-            owners.setdefault(id(p), []).append(mod)
-    covered: dict[nn.Module, tuple[bool, bool]] = {}
-    fallback: dict[str, torch.Tensor] = {}
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    covered: dict[nn.Module, _Covered] = {}
     taken: set[int] = set()
     for mod in fwd.modules():
-        if type(mod) not in RULES:
+        rule = find_rule(mod)
+        if rule is None:
             continue
         direct = dict(mod.named_parameters(recurse=False))
         if set(direct) - {"weight", "bias"}:
             continue
-        sel = {k: p for k, p in direct.items() if any(p is q for q in selected.values())}
-        if not sel or any(len(owners[id(p)]) > 1 for p in sel.values()):
+        sel = {k: p for k, p in direct.items() if id(p) in ids}
+        if not sel or any(owners[id(p)] > 1 for p in sel.values()):
             continue
-        covered[mod] = ("weight" in sel, "bias" in sel)
+        covered[mod] = _Covered(
+            rule, "weight" in sel, "bias" in sel, [ids[id(p)] for p in sel.values()]
+        )
         taken.update(id(p) for p in sel.values())
-    for name, p in selected.items():
-        if id(p) not in taken:
-            fallback[name] = p
+    fallback = {k: p for k, p in selected.items() if id(p) not in taken}
     return covered, fallback
+
+
+class _ReadWatch(TorchFunctionMode):
+    """Flags covered parameters read by any torch function outside their own module's forward.
+
+    The layer rules assume a covered weight enters the model only through its module (weight
+    tying such as ``F.linear(h, emb.weight)`` breaks that); such modules go to the fallback.
+    Property reads (``weight.shape``) are not uses.
+    """
+
+    def __init__(self, owners: dict[int, nn.Module]) -> None:
+        super().__init__()
+        self.owners = owners
+        self.stack: list[nn.Module] = []
+        self.leaked: set[nn.Module] = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") != "__get__":
+            for t in tree_flatten((args, kwargs))[0]:
+                mod = self.owners.get(id(t)) if isinstance(t, torch.Tensor) else None
+                if mod is not None and (not self.stack or self.stack[-1] is not mod):
+                    self.leaked.add(mod)
+        return func(*args, **kwargs)
+
+
+@dataclass
+class _Call:
+    x: torch.Tensor  # the recorded input (detached; shares the version counter)
+    version: int  # its version when recorded: a later in-place change is detected
+    out: torch.Tensor  # the module's own output (the model continues with a copy)
+
+
+def _record(
+    fwd: Forward, inputs: Any, covered: dict[nn.Module, _Covered]
+) -> tuple[torch.Tensor, dict[nn.Module, list[_Call]], dict[nn.Module, str]]:
+    """One forward pass with grad, recording each covered module's calls.
+
+    Returns the output, the calls per module and the modules that must go to the fallback with
+    the reason (parameter read outside the module, input modified in place afterwards). The
+    forward hook hands the model a copy of the output, so an in-place operation after the layer
+    (``ReLU(inplace=True)``) changes the copy, not the tensor whose gradient the rule needs.
+    """
+    records: dict[nn.Module, list[_Call]] = {}
+    owners = {id(p): mod for mod in covered for p in mod.parameters(recurse=False)}
+    watch = _ReadWatch(owners)
+
+    def pre(mod: nn.Module, args: tuple) -> None:
+        watch.stack.append(mod)
+
+    def post(mod: nn.Module, args: tuple, out: Any) -> Any:
+        watch.stack.pop()
+        if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
+            watch.leaked.add(mod)
+            return None
+        x = args[0].detach()
+        records.setdefault(mod, []).append(_Call(x, x._version, out))
+        return out.clone() if SAFEGUARDS["copy_outputs"] else None
+
+    handles = [mod.register_forward_pre_hook(pre) for mod in covered]
+    handles += [mod.register_forward_hook(post) for mod in covered]
+    try:
+        with torch.enable_grad(), watch if SAFEGUARDS["watch_reads"] else contextlib.nullcontext():
+            out = fwd(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    bad = {mod: "a parameter is read outside the module's forward" for mod in watch.leaked}
+    for mod, calls in records.items():
+        if any(c.x._version != c.version for c in calls):
+            bad.setdefault(mod, "its input was modified in place after the call")
+    for mod in covered:
+        if mod not in records and SAFEGUARDS["missing_calls"]:
+            bad.setdefault(mod, "its forward hooks did not run")
+    return out, records, bad
+
+
+def _user_name(name: str) -> str:
+    """A parameter or module name of the :class:`Forward` wrapper as the user's model names it."""
+    return name.removeprefix("model.") if name != "model" else "(the model)"
 
 
 def _ghost_cheaper(T: int, k: int, o: int, R: int) -> bool:
     return T == 1 or T * T * (o + k / (R * R) + 1) <= o * k
+
+
+def _add_pieces(
+    facs: GramFactors, label: str, per_call: list[list[Piece]], m: int, R: int, force: str | None
+) -> None:
+    """Concatenate ghost pieces over calls along t (sum rows) and add them to ``facs``."""
+    for k in range(len(per_call[0])):
+        parts = [call[k] for call in per_call]
+        if parts[0].rows is not None:
+            facs.rows.append(sum(p.rows for p in parts))
+            facs.row_labels.append(label)
+            continue
+        index = parts[0].index
+        a = torch.cat([p.a if index else p.a.double() for p in parts], 1)
+        d = torch.cat([p.d.double() for p in parts], 2)
+        T, o_dim = d.shape[2], d.shape[3]
+        k_dim = 1 if index else a.shape[2]
+        ghost = (
+            force == "ghost"
+            or index
+            or (force != "materialise" and _ghost_cheaper(T, k_dim, o_dim, R))
+        )
+        if ghost:
+            facs.ghosts.append(_Ghost(a=a, d=d, index=index, label=label))
+        else:
+            dt = d.transpose(2, 3).reshape(m, R * o_dim, T)
+            facs.rows.append(torch.bmm(dt, a).reshape(m, R, -1))
+            facs.row_labels.append(label)
 
 
 def gram_factors(
@@ -205,80 +406,95 @@ def gram_factors(
     chunk_size: int | None = None,
     outputs_check: Callable[[torch.Tensor], None] | None = None,
     force: str | None = None,
+    check: int = 2,
+    seed: int = 0,
 ) -> GramFactors:
-    """Factor structure of K for cotangents ``sqrt`` (m, C, R).
+    """Factor structure of K for cotangents ``sqrt`` (m, C, R), verified against autograd.
 
     Args:
-        model: the model (already in eval mode).
+        model: the model (already in eval mode); compiled submodules are run eagerly
+            (:func:`eager_modules`).
         inputs: the probe batch (tensor, or anything ``forward_fn`` takes).
-        sqrt: (m, C, R) square roots of the output Hessians (float64).
+        sqrt: (m, C, R) square roots of the output Hessians (float64): a tensor, or a
+            lazy factor whose columns are built one at a time (:mod:`.losses.factor`).
         params: the selected trainable parameters by name as in ``model.named_parameters()``.
         forward_fn: ``forward_fn(model, inputs) -> outputs`` for non-tensor batches.
         chunk_size: samples per ``vmap`` call of the fallback (default 32).
         outputs_check: called with the (m, C) outputs of the recording forward pass.
         force: ``"ghost"``, ``"materialise"`` or ``"fallback"`` to force one assembly path for
             all covered layers (testing); default chooses per layer by cost.
+        check: random coefficient vectors of the self-check (:mod:`.selfcheck`; one backward
+            pass each); 0 switches it off.
+        seed: seed of the self-check's coefficient vectors.
+
+    The result's ``notes`` say which blocks went to the fallback and why, and the self-check's
+    relative error.
     """
-    fwd = Forward(model, forward_fn)
-    m, _C, R = sqrt.shape
-    selected = {"model." + k: v for k, v in params.items()}
-    covered, fallback = _split_params(fwd, selected)
-    if force == "fallback":
-        fallback, covered = dict(selected), {}
-    facs = GramFactors(m=m, R=R)
-    records: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    from .selfcheck import self_check
 
-    def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        records.setdefault(mod, []).append((args[0].detach(), out))
-
-    handles = [mod.register_forward_hook(hook) for mod in covered]
-    try:
-        with torch.enable_grad():
-            out = fwd(inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    flat = out.reshape(m, -1)
-    if outputs_check is not None:
-        outputs_check(flat)
-    if covered:
-        mods = [mod for mod in covered if mod in records]
-        outs = [o for mod in mods for _, o in records[mod]]
-        cot = sqrt.to(out.dtype).permute(2, 0, 1).reshape(R, *out.shape)
+    with eager_modules(model) as eager:
+        fwd = Forward(eager, forward_fn)
+        m, _C, R = sqrt.shape
+        by_id = {id(p): p for p in params.values()}
+        selected = {k: p for k, p in fwd.named_parameters() if id(p) in by_id}
+        covered, fallback = _split_params(fwd, selected)
+        if force == "fallback":
+            fallback, covered = dict(selected), {}
+        facs = GramFactors(m=m, R=R)
+        out, records, bad = _record(fwd, inputs, covered)
+        flat = out.reshape(m, -1)
+        if outputs_check is not None:
+            outputs_check(flat)
+        labels = {mod: _user_name(name) for name, mod in fwd.named_modules()}
+        live = [mod for mod in covered if mod not in bad and mod in records]
+        outs = [c.out for mod in live for c in records[mod]]
         grads: list[list[torch.Tensor]] = [[] for _ in outs]
-        for r in range(R):
-            gs = torch.autograd.grad(out, outs, cot[r], retain_graph=True, allow_unused=True)
-            for lst, o, g in zip(grads, outs, gs, strict=False):
+        for r in range(R if outs else 0):
+            cot = column(sqrt, r).to(out.dtype).reshape(out.shape)
+            gs = torch.autograd.grad(out, outs, cot, retain_graph=True, allow_unused=True)
+            for lst, o, g in zip(grads, outs, gs, strict=True):
                 lst.append(torch.zeros_like(o) if g is None else g)
         k = 0
-        for mod in mods:
-            w, b = covered[mod]
-            a_parts, d_parts = [], []
-            for x, _ in records[mod]:
-                gin = RULES[type(mod)](mod, x, w, b)
-                if gin is None:
-                    raise RuntimeError("rule declined a covered module")
-                a_parts.append(gin.a if gin.index else gin.a.double())
-                d_parts.append(output_positions(mod, torch.stack(grads[k])).double())
+        for mod in live:
+            cov = covered[mod]
+            per_call = []
+            for call in records[mod]:
+                batched = call.x.dim() > 0 and call.x.shape[0] == m and call.out.shape[0] == m
+                g = torch.stack(grads[k])
+                per_call.append(
+                    cov.rule.pieces(mod, call.x, g, cov.weight, cov.bias) if batched else None
+                )
                 k += 1
-            a = torch.cat(a_parts, 1)
-            d = torch.cat(d_parts, 2)
-            index = a.dtype == torch.long
-            T, o_dim = d.shape[2], d.shape[3]
-            k_dim = a.shape[2] if not index else 1
-            ghost = (
-                force == "ghost"
-                or index
-                or (force != "materialise" and _ghost_cheaper(T, k_dim, o_dim, R))
+            if any(p is None for p in per_call):
+                bad[mod] = "its input or output has no leading sample axis of the probe's size"
+                continue
+            _add_pieces(facs, labels[mod], per_call, m, R, force)
+        del grads, records
+        live = [mod for mod in live if mod not in bad]
+        for mod, why in bad.items():
+            fallback.update({k: selected[k] for k in covered[mod].names})
+            facs.notes.fallback.update(dict.fromkeys(map(_user_name, covered[mod].names), why))
+        for name in fallback:
+            facs.notes.fallback.setdefault(_user_name(name), "no layer rule covers it")
+        for name, rows in _fallback_rows(fwd, inputs, sqrt, fallback, chunk_size or 32).items():
+            facs.rows.append(rows)
+            facs.row_labels.append(_user_name(name))
+        if check:
+            ruled = [mod for mod in covered if mod not in bad]  # with or without calls
+            blocks = {labels[mod]: [selected[k] for k in covered[mod].names] for mod in ruled}
+            blocks.update({_user_name(k): [p] for k, p in fallback.items()})
+            self_check(
+                facs,
+                out,
+                sqrt,
+                blocks,
+                check,
+                seed,
+                refit=lambda names: _fallback_rows(
+                    fwd, inputs, sqrt, {k: selected[k] for k in names}, chunk_size or 32
+                ),
+                names={labels[mod]: covered[mod].names for mod in ruled},
             )
-            if ghost:
-                facs.ghosts.append(_Ghost(a=a, d=d, index=index))
-            else:
-                dt = d.transpose(2, 3).reshape(m, R * o_dim, T)
-                facs.rows.append(torch.bmm(dt, a).reshape(m, R, -1))
-    records.clear()
-    if fallback:
-        facs.rows.append(_fallback_rows(fwd, inputs, sqrt, fallback, chunk_size or 32))
     return facs
 
 
@@ -288,8 +504,15 @@ def _fallback_rows(
     sqrt: torch.Tensor,
     fallback: dict[str, torch.Tensor],
     chunk: int,
-) -> torch.Tensor:
-    """Per-sample rows J_i^T b_ir for the fallback parameters, (m, R, P) float64."""
+) -> dict[str, torch.Tensor]:
+    """Per-sample rows J_i^T b_ir for the fallback parameters, {name: (m, R, P)} float64.
+
+    ``vmap`` over samples of ``vmap`` over the R cotangents of ``vjp``; where the model cannot
+    be vmapped over samples (``nn.GRU`` and float64 ``nn.LSTM`` in torch 2.13 write in place
+    into an unbatched buffer), one sample at a time, still vmapped over the cotangents.
+    """
+    if not fallback:
+        return {}
     m, _C, R = sqrt.shape
     names = list(fallback)
     pvals = {k: fallback[k].detach() for k in names}
@@ -302,16 +525,25 @@ def _fallback_rows(
         out, pull = vjp(lambda p: one(p, x), pvals)
         return vmap(pull)(b.T.to(out.dtype))[0]
 
-    batched = vmap(sample_rows)
-    chunks = []
-    for s in range(0, m, chunk):
-        sl = slice(s, min(s + chunk, m))
-        xs = tree_map(lambda t, sl=sl: t[sl] if isinstance(t, torch.Tensor) else t, inputs)
-        g = batched(xs, sqrt[sl])
-        chunks.append(
-            torch.cat([g[k].reshape(g[k].shape[0], R, -1) for k in names], 2).detach().double()
-        )
-    return torch.cat(chunks)
+    def take(sl: Any) -> Any:
+        return tree_map(lambda t: t[sl] if isinstance(t, torch.Tensor) else t, inputs)
+
+    chunks: dict[str, list[torch.Tensor]] = {k: [] for k in names}
+    try:
+        batched = vmap(sample_rows)
+        for s in range(0, m, chunk):
+            sl = slice(s, min(s + chunk, m))
+            g = batched(take(sl), sample_block(sqrt, sl))
+            for k in names:
+                chunks[k].append(g[k].detach().reshape(g[k].shape[0], R, -1).double())
+    except RuntimeError:
+        chunks = {k: [] for k in names}
+        for i in range(m):
+            xi = tree_map(lambda t, i=i: t[i] if isinstance(t, torch.Tensor) else t, inputs)
+            g = sample_rows(xi, sample_block(sqrt, slice(i, i + 1))[0])
+            for k in names:
+                chunks[k].append(g[k].detach().reshape(1, R, -1).double())
+    return {k: torch.cat(v) for k, v in chunks.items()}
 
 
 def flat_params(params: Sequence[torch.Tensor]) -> int:
@@ -349,4 +581,4 @@ def sketch(facs: GramFactors, k: int, generator: torch.Generator, chunk: int = 6
     for rows in facs.rows:
         om = torch.randn(rows.shape[-1], k, generator=generator, dtype=torch.float64) * scale
         Z += rows @ om
-    return GramFactors(m=m, R=R, rows=[Z])
+    return GramFactors(m=m, R=R, rows=[Z], row_labels=["sketch"], notes=facs.notes)

@@ -40,21 +40,25 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..coherence import CoherenceStats, _finish, coherence_from_gram
 from ..linalg import lanczos, top_eigenvalue
-from .gram import Forward, GramFactors, gram_factors, sketch
+from .gram import Forward, GramFactors, eager_modules, gram_factors, sketch
 from .losses import (
+    append_columns,
     check_loss,
+    is_finite,
     output_curvature,
     output_gradients,
     per_sample_losses,
     sampled_curvature,
+    truncated_curvature,
 )
 
 #: K is formed whole when m * R is at most this (m R = 1024: 8.4 MB in float64). Above it,
@@ -89,10 +93,21 @@ class CurvatureReport:
         sharpness_vector: top Hessian eigenvector (flat float64), for ``init_vector``.
         sigma_full: the full-data sigma estimate when n > m, else None.
         n: the data-set size sigma_full refers to (m when not given).
-        factors: ``"exact"`` or ``"mc"``.
+        factors: ``"exact"``, ``"topk"`` or ``"mc"``.
         clipped_eigenvalue: most negative output-Hessian eigenvalue clipped (callable losses).
+        truncation_bound: for ``factors="topk"``, the bound reached on the per-token relative
+            error :math:`\|\Lambda_t - B_tB_t^\top\|_2/\|\Lambda_t\|_2` (0.0 otherwise).
         gram: the block Gram (m, R, m, R) when it was formed (m R <= 1024, or
             ``return_gram=True``), else None.
+        fallback_blocks: parameter or module name -> why its block was computed by the
+            ``torch.func`` fallback instead of a layer rule (no rule, a parameter read outside
+            its module, an input modified in place, no sample axis, or the self-check).
+        rechecked_blocks: blocks the self-check found wrong and recomputed through the
+            fallback, with their relative error before (empty when every rule was right).
+        self_check_error: the self-check's largest relative error of any block of the final
+            K against autograd (nan when ``self_check=0``; see
+            :mod:`torch_coherence.curvature.selfcheck`).
+        self_check_passes: backward passes the self-check used.
     """
 
     stats: CoherenceStats
@@ -110,6 +125,11 @@ class CurvatureReport:
     factors: str
     clipped_eigenvalue: float
     gram: torch.Tensor | None
+    truncation_bound: float = 0.0
+    fallback_blocks: dict[str, str] = field(default_factory=dict)
+    rechecked_blocks: dict[str, float] = field(default_factory=dict)
+    self_check_error: float = math.nan
+    self_check_passes: int = 0
 
 
 def _length(x: Any) -> int:
@@ -222,6 +242,7 @@ def measure_curvature(
     n: int | None = None,
     factors: str = "exact",
     mc_samples: int = 1,
+    factor_tol: float = 1e-2,
     params: Sequence[str] | Sequence[torch.Tensor] | None = None,
     chunk_size: int | None = None,
     sketch_dim: int | None = None,
@@ -233,6 +254,7 @@ def measure_curvature(
     forward_fn: Callable[[nn.Module, Any], Any] | None = None,
     seed: int | None = None,
     return_gram: bool = False,
+    self_check: int = 2,
 ) -> CurvatureReport:
     r"""Coherence, sharpness and gradient noise scale of ``model`` on a probe batch.
 
@@ -250,7 +272,17 @@ def measure_curvature(
             MATH.md §3: on the digits MLP (m = 256) one sampled label gave sigma 25-27
             against the exact 223, max_i lambda_1(H_i) 21-23 against 4.1, and GGN
             sharpness 1.69-1.84 against 1.69).
+            ``"topk"`` (cross-entropy / NLL): per token the classes with
+            :math:`p_c > \text{factor_tol}\cdot\max_c p_c(1-p_c)` plus one remainder row,
+            a factor with :math:`0 \preceq \Lambda_t - B_tB_t^\top \preceq` factor_tol
+            :math:`\|\Lambda_t\|_2` (curvatures are lower bounds of the exact ones; the
+            bound reached is ``report.truncation_bound``; see
+            :mod:`torch_coherence.curvature.losses.sequence`). For sequence losses
+            (logits (m, T, V)) ``"exact"`` has T V rows per sequence, ``"topk"`` about
+            T (k + 1) and ``"mc"`` ``mc_samples`` (one sampled label per token per draw,
+            summed over the sequence).
         mc_samples: sampled rows per sample for ``factors="mc"``.
+        factor_tol: relative tolerance of ``factors="topk"``.
         params: parameter names or tensors to measure (default: all trainable ones);
             frozen ones are dropped.
         chunk_size: samples per chunk of the ``torch.func`` fallback and per block of the
@@ -269,6 +301,16 @@ def measure_curvature(
         return_gram: form the whole block Gram K and return it as ``report.gram`` even
             when m R > 1024 (needed by :func:`torch_coherence.dynamics.mean_square_rate`;
             costs (m R)^2 doubles plus temporaries).
+        self_check: random coefficient vectors of the self-check of K against autograd (one
+            backward pass each; :mod:`torch_coherence.curvature.selfcheck`); a block that
+            fails it is recomputed through the ``torch.func`` fallback and named in
+            ``report.rechecked_blocks``. 0 switches the check off.
+
+    A ``torch.compile``d model (or submodule) is probed through the eager module it wraps
+    (``_orig_mod``): the same parameters and function, but module hooks fire and the Hessian
+    products can differentiate twice. Attention (``scaled_dot_product_attention``) runs with
+    the math backend during the Hessian products, whose flash / efficient backward is not
+    twice differentiable.
 
     Returns:
         A frozen :class:`CurvatureReport`.
@@ -280,8 +322,10 @@ def measure_curvature(
     """
     t0 = time.perf_counter()
     check_loss(loss)
-    if factors not in ("exact", "mc"):
-        raise ValueError(f"factors must be 'exact' or 'mc', got {factors!r}")
+    if factors not in ("exact", "topk", "mc"):
+        raise ValueError(f"factors must be 'exact', 'topk' or 'mc', got {factors!r}")
+    if factors == "topk" and not (isinstance(factor_tol, (int, float)) and factor_tol >= 0):
+        raise ValueError(f"factor_tol must be a number >= 0, got {factor_tol!r}")
     if sharpness not in ("both", "hessian", "ggn", None):
         raise ValueError(f"sharpness must be 'both', 'hessian', 'ggn' or None, got {sharpness!r}")
     if sketch_dim is not None and (not isinstance(sketch_dim, int) or sketch_dim < 1):
@@ -294,6 +338,8 @@ def measure_curvature(
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     if not isinstance(return_gram, bool):
         raise ValueError(f"return_gram must be a bool, got {return_gram!r}")
+    if isinstance(self_check, bool) or not isinstance(self_check, int) or self_check < 0:
+        raise ValueError(f"self_check must be an int >= 0 (vectors), got {self_check!r}")
     m = _length(inputs)
     mt = _length(targets)
     if m != mt:
@@ -313,36 +359,42 @@ def measure_curvature(
             )
     from .._state import preserved_state
 
-    with preserved_state(model):
+    with preserved_state(model), eager_modules(model) as eager:
         for p in model.parameters():
             p.requires_grad_(False)
         for p in sel.values():
             p.requires_grad_(True)
-        fwd = Forward(model, forward_fn)
+        fwd = Forward(eager, forward_fn)
         with torch.no_grad():
             out = fwd(inputs)
         _check_outputs(out)
         if factors == "exact":
             oc = output_curvature(loss, out, targets)
+        elif factors == "topk":
+            oc = truncated_curvature(loss, out, targets, float(factor_tol))
         else:
             gen = torch.Generator().manual_seed(0 if seed is None else seed)
             oc = sampled_curvature(loss, out, targets, mc_samples, gen)
         Bsq = oc.sqrt
-        if not torch.isfinite(Bsq).all():
-            bad = (~torch.isfinite(Bsq)).flatten(1).any(1).nonzero().flatten().tolist()
+        finite = is_finite(Bsq)
+        if not finite.all():
+            bad = (~finite).nonzero().flatten().tolist()
             raise FloatingPointError(f"non-finite output curvature at probe samples {bad[:20]}")
         grads = output_gradients(loss, out, targets)
         R = Bsq.shape[2]
-        ext = torch.cat([Bsq, grads.unsqueeze(2)], dim=2)
+        ext = append_columns(Bsq, grads.unsqueeze(2))
         facs = gram_factors(
-            model,
+            eager,
             inputs,
             ext,
             sel,
             forward_fn=forward_fn,
             chunk_size=chunk_size,
             outputs_check=_check_outputs,
+            check=self_check,
+            seed=0 if seed is None else seed,
         )
+        notes = facs.notes
         facs_g, facs_p = facs.split(R)
         del facs
         if sketch_dim is not None:
@@ -372,9 +424,10 @@ def measure_curvature(
             def loss_fn() -> torch.Tensor:
                 return per_sample_losses(loss, fwd(inputs), targets).mean()
 
-            res = hessian_sharpness(
-                loss_fn, plist, tol=tol, max_hvps=max_hvps, init_vector=init_vector, seed=seed
-            )
+            with sdpa_kernel(SDPBackend.MATH):
+                res = hessian_sharpness(
+                    loss_fn, plist, tol=tol, max_hvps=max_hvps, init_vector=init_vector, seed=seed
+                )
             hess, vec, hvps, resid = res.value, res.vector, res.hvp_count, res.residual
     sigma_full = _sigma_full(stats, n) if n is not None and n > m else None
     return CurvatureReport(
@@ -393,4 +446,9 @@ def measure_curvature(
         factors=factors,
         clipped_eigenvalue=oc.clipped,
         gram=gram,
+        truncation_bound=oc.truncation,
+        fallback_blocks=dict(notes.fallback),
+        rechecked_blocks=dict(notes.rechecked),
+        self_check_error=notes.check_error,
+        self_check_passes=notes.check_passes,
     )

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pytorch_lightning as pl
 import torch
-from callbacks.helpers import TinyClassifier, trainer_kwargs
+from integrations.helpers import TinyClassifier, trainer_kwargs
 from pytorch_lightning.loggers import CSVLogger
 
 from torch_coherence.callbacks import CoherenceCallback

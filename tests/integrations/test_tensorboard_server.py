@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 import pytorch_lightning as pl
-from callbacks.helpers import TinyClassifier, trainer_kwargs
+from integrations.helpers import TinyClassifier, trainer_kwargs
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from torch_coherence.callbacks import CoherenceCallback

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import glob
+import math
+import re
 import warnings
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from callbacks.helpers import N_TRAIN, TinyClassifier, trainer_kwargs
+from integrations.helpers import N_TRAIN, TinyClassifier, trainer_kwargs
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from torch_coherence.callbacks import CoherenceCallback
+from torch_coherence.integrations.tensorboard import describe
 from torch_coherence.probe import TAGS, CoherenceProbe, CoherenceWarning
 
 pytestmark = pytest.mark.usefixtures("quiet_lightning")
@@ -32,21 +35,26 @@ def test_fit_logs_tags_to_tensorboard(tmp_path) -> None:
     cb = CoherenceCallback(max_overhead=None, every_n_steps=2, probe_size=16)
     logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
     _fit(tmp_path, TinyClassifier(), [cb], logger=logger, max_epochs=2, max_steps=-1)
-    assert [h["step"] for h in cb.history] == [2, 4, 6, 8, 10, 12]
+    # the pre-flight probe at step 0, before the first optimizer step, then every 2 steps
+    assert [h["step"] for h in cb.history] == [0, 2, 4, 6, 8, 10, 12]
     assert cb.history[0]["batch_size"] == 16.0
     (event_file,) = glob.glob(str(tmp_path / "tb" / "version_0" / "events.*"))
     acc = EventAccumulator(event_file, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
-    assert set(LOGGED) <= scalars
+    finite = {t for h in cb.history for t in LOGGED if math.isfinite(h[t])}
+    assert finite and finite <= scalars
+    assert {"readable/gd_ratio", "readable/log10_margin", "log10/sharpness/ggn"} <= scalars
+    for tag in scalars:  # every scalar carries its description in the summary metadata
+        assert acc.SummaryMetadata(tag).summary_description == describe(tag) != tag, tag
     steps = [e.step for e in acc.Scalars("coherence/sigma")]
-    assert steps == [2, 4, 6, 8, 10, 12]
+    assert steps == [0, 2, 4, 6, 8, 10, 12]
     assert "coherence/phase_plane" in acc.Tags()["images"]
     assert len(acc.Images("coherence/phase_plane")) == 2  # one per epoch
     assert "custom_scalars__config__" in acc.Tags()["tensors"]
 
 
-@pytest.mark.parametrize(("max_overhead", "figures"), [(None, [12, 18]), (1e-4, [])])
+@pytest.mark.parametrize(("max_overhead", "figures"), [(None, [6, 12, 18]), (1e-4, [])])
 def test_phase_plane_only_after_new_probes_and_within_budget(
     tmp_path, max_overhead, figures
 ) -> None:
@@ -55,12 +63,12 @@ def test_phase_plane_only_after_new_probes_and_within_budget(
     cb = CoherenceCallback(max_overhead=max_overhead, every_n_steps=9, probe_size=16)
     logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
     _fit(tmp_path, TinyClassifier(), [cb], logger=logger, max_epochs=4, max_steps=-1)
-    assert cb.history[0]["step"] == 9  # the first probe is not subject to the budget
+    assert [h["step"] for h in cb.history][:2] == [0, 9]  # pre-flight, then the schedule
     (event_file,) = glob.glob(str(tmp_path / "tb" / "version_0" / "events.*"))
     acc = EventAccumulator(event_file, size_guidance={"images": 0})
     acc.Reload()
     images = acc.Tags()["images"]
-    # 6 steps an epoch: probes at steps 9 and 18 (epochs 2 and 3), none in epochs 1 and 4;
+    # 6 steps an epoch: probes at steps 0, 9 and 18 (epochs 1, 2 and 3), none in epoch 4;
     # with a budget of 0.01 % no figure (about 0.1 s) fits
     steps = [e.step for e in acc.Images("coherence/phase_plane")] if images else []
     assert steps == figures
@@ -119,7 +127,7 @@ def test_weights_bit_identical_with_and_without_callback(tmp_path, accumulate) -
     probed.load_state_dict(init)
     cb = CoherenceCallback(max_overhead=None, every_n_steps=1, probe_size=16, sharpness="both")
     _fit(tmp_path, probed, [cb], **kw)
-    assert len(cb.history) == 4 and "error" not in cb.history[0]
+    assert len(cb.history) == 5 and "error" not in cb.history[0]
     assert cb.history[0]["batch_size"] == 16.0 * accumulate
     a, b = _weights(plain), _weights(probed)
     assert a.keys() == b.keys()
@@ -136,7 +144,7 @@ def test_failing_probe_warns_and_training_continues(tmp_path) -> None:
     cb.probe._engine = broken
     with pytest.warns(CoherenceWarning, match="failed.*out of memory.*training continues"):
         trainer = _fit(tmp_path, TinyClassifier(), [cb], max_steps=4)
-    assert trainer.global_step == 4 and len(cb.history) == 2
+    assert trainer.global_step == 4 and len(cb.history) == 3  # steps 0, 2, 4
 
 
 def test_stop_sets_should_stop(tmp_path) -> None:
@@ -153,7 +161,7 @@ def test_resume_continues_history(tmp_path) -> None:
     cb = CoherenceCallback(max_overhead=None, every_n_steps=2, probe_size=16)
     kw = dict(enable_checkpointing=True, max_epochs=1, max_steps=-1)
     _fit(tmp_path, TinyClassifier(), [cb, ckpt], **kw)
-    assert [h["step"] for h in cb.history] == [2, 4, 6]
+    assert [h["step"] for h in cb.history] == [0, 2, 4, 6]
     cb2 = CoherenceCallback(max_overhead=None, every_n_steps=2, probe_size=16)
     pl.seed_everything(0)
     trainer = pl.Trainer(
@@ -162,8 +170,9 @@ def test_resume_continues_history(tmp_path) -> None:
         )
     )
     trainer.fit(TinyClassifier(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    assert [h["step"] for h in cb2.history] == [2, 4, 6, 8, 10, 12]
-    assert cb2.history[:3] == cb.history
+    # the pre-flight probe runs again at the resume (step 6, after the state is loaded)
+    assert [h["step"] for h in cb2.history] == [0, 2, 4, 6, 6, 8, 10, 12]
+    assert cb2.history[:4] == cb.history
 
 
 def test_csv_logger_gets_metrics_at_optimizer_steps(tmp_path) -> None:
@@ -174,7 +183,7 @@ def test_csv_logger_gets_metrics_at_optimizer_steps(tmp_path) -> None:
     _fit(tmp_path, TinyClassifier(), [cb], logger=logger, max_steps=6)
     rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
     probed = [r for r in rows if r.get("coherence/sigma")]
-    assert [int(r["step"]) for r in probed] == [3, 6]
+    assert [int(r["step"]) for r in probed] == [0, 3, 6]
 
 
 def test_loss_required_when_module_has_none(tmp_path) -> None:
@@ -189,7 +198,8 @@ def test_loss_required_when_module_has_none(tmp_path) -> None:
 
     m = NoLoss()
     del m.loss_fn
-    with pytest.raises(ValueError, match="loss_fn"):
+    call = re.escape("CoherenceCallback(loss=torch.nn.CrossEntropyLoss())")
+    with pytest.raises(ValueError, match=rf"loss_fn.*{call}.*nn\.MSELoss.*F\.cross_entropy"):
         _fit(tmp_path, m, [CoherenceCallback(max_overhead=None, every_n_steps=1)], max_steps=1)
 
 
@@ -235,7 +245,8 @@ def test_works_with_lightning_pytorch_trainer(tmp_path) -> None:
     logger = L.loggers.TensorBoardLogger(str(tmp_path), name="tb")
     trainer = L.Trainer(**trainer_kwargs(tmp_path, callbacks=[cb], logger=logger, max_steps=4))
     trainer.fit(Module())
-    assert [h["step"] for h in cb.history] == [2, 4]
+    assert [h["step"] for h in cb.history] == [0, 2, 4]
+    assert len(cb._tensorboard_logs(trainer)) == 1  # lightning.pytorch's logger is found
 
 
 def test_sam_automatic_equals_manual_optimization(tmp_path) -> None:
@@ -272,5 +283,94 @@ def test_sam_automatic_equals_manual_optimization(tmp_path) -> None:
     for a, b in zip(_weights(auto).values(), _weights(manual).values(), strict=True):
         torch.testing.assert_close(a, b)
     for cb in cbs:
-        assert [h["step"] for h in cb.history] == [2, 4]
+        assert [h["step"] for h in cb.history] == [0, 2, 4]
         assert cb.probe.last_report.sam_rho == 0.05
+
+
+def test_two_callbacks_keep_their_own_state_in_a_checkpoint(tmp_path) -> None:
+    """state_key comes from the options; sanity-check steps are not counted or probed."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader
+
+    class WithVal(TinyClassifier):
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            return self.loss_fn(self(x), y)
+
+        def val_dataloader(self):
+            return DataLoader(self.data, batch_size=16)
+
+    def callbacks():
+        return [
+            CoherenceCallback(max_overhead=None, every_n_steps=2, probe_size=16),
+            CoherenceCallback(max_overhead=None, every_n_steps=3, probe_size=8),
+        ]
+
+    a, b = callbacks()
+    assert a.state_key != b.state_key
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    kw = dict(enable_checkpointing=True, max_steps=6, num_sanity_val_steps=2)
+    _fit(tmp_path, WithVal(), [a, b, ckpt], **kw)
+    assert [h["step"] for h in a.history] == [0, 2, 4, 6]
+    assert [h["step"] for h in b.history] == [0, 3, 6]
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)["callbacks"]
+    assert saved[a.state_key]["history"] == a.history
+    assert saved[b.state_key]["history"] == b.history
+    a2, b2 = callbacks()
+    pl.seed_everything(0)
+    kw.update(max_steps=7, callbacks=[a2, b2, ckpt])
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, **kw))
+    trainer.fit(WithVal(), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert a2.history[:4] == a.history and b2.history[:3] == b.history
+
+
+def test_largest_lr_over_every_optimizer_and_functional_loss(tmp_path) -> None:
+    """Two optimizers (body lr 0.05, head lr 0.2): the head's lr is the one judged."""
+
+    class TwoOptimizers(TinyClassifier):
+        def __init__(self) -> None:
+            super().__init__(norm=False)
+            del self.loss_fn
+            self.loss_fn = torch.nn.functional.cross_entropy  # a function, not a module
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            body, head = self.optimizers()
+            x, y = batch
+            body.zero_grad()
+            head.zero_grad()
+            loss = self.loss_fn(self(x), y)
+            self.manual_backward(loss)
+            body.step()
+            head.step()
+            return loss
+
+        def configure_optimizers(self):
+            return [
+                torch.optim.SGD(self.net[0].parameters(), lr=0.05),
+                torch.optim.SGD(self.net[-1].parameters(), lr=0.2, momentum=0.5),
+            ]
+
+    cb = CoherenceCallback(max_overhead=None, every_n_steps=2, probe_size=16)
+    _fit(tmp_path, TwoOptimizers(), [cb], max_steps=4)
+    assert isinstance(cb.probe.loss, torch.nn.CrossEntropyLoss)
+    assert [h["step"] for h in cb.history] == [0, 2]  # max_steps counts both optimizers' steps
+    assert cb.history[0]["lr"] == 0.2
+    assert cb.probe.last_report.momentum == 0.5
+
+
+def test_non_finite_loss_triggers_a_probe_at_once(tmp_path) -> None:
+    """The per-step guard reads the loss training_step returned (no extra forward pass)."""
+
+    class Diverging(TinyClassifier):
+        def training_step(self, batch, batch_idx):
+            loss = super().training_step(batch, batch_idx)
+            return loss * math.inf if self.global_step == 2 else loss
+
+    cb = CoherenceCallback(max_overhead=None, every_n_steps=100, probe_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _fit(tmp_path, Diverging(norm=False), [cb], max_steps=5)
+    # a probe right after the third step's inf loss (and, as the weights are then NaN, after
+    # each later step: the guard's triggers are the probe's to bound)
+    assert [h["step"] for h in cb.history][:2] == [0, 3]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from callbacks.helpers import N_TRAIN, TinyClassifier
+from integrations.helpers import N_TRAIN, TinyClassifier
 
 from torch_coherence.probe import CoherenceProbe
 

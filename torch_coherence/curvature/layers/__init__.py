@@ -1,0 +1,103 @@
+r"""Layer rules of the Gram engine, registered per module type and deciding support up front.
+
+For a layer whose weight gradient of sample i and factor row r is
+:math:`g_{ir} = \sum_t \delta_{ir,t}\, a_{i,t}^\top` (t a sequence / spatial axis, delta the
+gradient of the layer output), the contribution to the block Gram is (``docs/theory.md`` §3)
+
+.. math::
+
+    K_{ir,js} \mathrel{+}= \sum_{t,u} (\delta_{ir,t} \cdot \delta_{js,u})\,(a_{i,t} \cdot a_{j,u}),
+
+the "ghost" Gram of Goodfellow (2015, "Efficient per-example gradient computations") and
+Li et al. (2022, "Large language models can be strong differentially private learners").
+A bias adds :math:`\sum_{t,u} \delta_{ir,t} \cdot \delta_{js,u}`: the same rule with a
+constant 1 appended to every :math:`a_{i,t}`.
+
+A rule (:class:`LayerRule`) declares ``supports(module)``: a configuration-level decision made
+*before anything runs* (as Opacus registers its grad samplers per module type and BackPACK
+checks a module before extending it). A module no rule supports has its parameters computed by
+the ``torch.func`` fallback. Per call, ``pieces(module, x, grad, w, b)`` turns the recorded input
+``x`` and the output gradients ``grad`` (R, m, ...) into one or more :class:`Piece` objects:
+ghost pairs ``(a, d)`` (concatenated along t over several calls of the module) or materialised
+per-sample rows (summed over calls). It may still return ``None`` for an input it cannot treat
+(the engine itself declines calls whose input or output does not start with the probe's m
+samples), and that module then goes to the fallback as well.
+
+Registered rules: :mod:`.linear` (``nn.Linear``), :mod:`.conv` (``nn.Conv1d``/``nn.Conv2d``, any
+groups, padding and padding mode), :mod:`.embedding` (``nn.Embedding``), :mod:`.norm` (affine
+parameters of ``nn.LayerNorm``, ``nn.RMSNorm``, eval-mode ``nn.BatchNorm1d/2d``). Exact type
+match: subclasses (e.g. the ``out_proj`` of ``nn.MultiheadAttention``, whose weight is read
+outside its own ``forward``) go to the fallback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+__all__ = ["LayerRule", "Piece", "REGISTRY", "find_rule", "register", "with_ones"]
+
+
+@dataclass
+class Piece:
+    """One contribution of a module call to K.
+
+    Attributes:
+        a: ghost input (m, T, k) float, or (m, T) integer ids when ``index``; None for rows.
+        d: ghost output gradient (m, R, T, o); None for rows.
+        rows: materialised per-sample gradient rows (m, R, P); None for a ghost pair.
+        index: whether ``a`` holds embedding ids (inner product = equality of ids).
+    """
+
+    a: torch.Tensor | None = None
+    d: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    index: bool = False
+
+
+class LayerRule(Protocol):
+    """What a registered layer rule provides (see the module docstring)."""
+
+    types: tuple[type, ...]
+
+    def supports(self, module: nn.Module) -> bool:
+        """Whether this configuration of ``module`` is covered (decided before any pass)."""
+
+    def pieces(
+        self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor, w: bool, b: bool
+    ) -> list[Piece] | None:
+        """Contributions of one call with input ``x`` and output gradients ``grad`` (R, m, ...)."""
+
+
+#: module type -> rule (exact type match).
+REGISTRY: dict[type, LayerRule] = {}
+
+
+def register(rule: LayerRule) -> LayerRule:
+    """Register ``rule`` for each of its ``types``."""
+    for t in rule.types:
+        REGISTRY[t] = rule
+    return rule
+
+
+def find_rule(module: nn.Module) -> LayerRule | None:
+    """The rule covering ``module`` as configured, or None (fallback)."""
+    rule = REGISTRY.get(type(module))
+    if rule is None or not rule.supports(module):
+        return None
+    return rule
+
+
+def with_ones(a: torch.Tensor, with_weight: bool, with_bias: bool) -> torch.Tensor:
+    """Append the constant input of a bias (or keep only it when the weight is not measured)."""
+    if not with_weight:
+        return a.new_ones((*a.shape[:-1], 1))
+    if with_bias:
+        return torch.cat([a, a.new_ones((*a.shape[:-1], 1))], dim=-1)
+    return a
+
+
+from . import conv, embedding, linear, norm  # noqa: E402,F401  (registration)
