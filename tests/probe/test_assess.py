@@ -102,3 +102,40 @@ def test_sam_alpha_from_the_engines_gradient_without_a_backward_pass() -> None:
     assert res.report.sam_alpha == pytest.approx(math.sqrt(4.0 / (1.0 + 12.0 / 8)))
     assert A.sam_alpha(4.0, math.inf, 8) == pytest.approx(2.0)  # noise-dominated: |g_m|
     assert effective_optimizer_params(sam)["sam_rho"] == 0.05
+
+
+def test_dataset_estimates_are_those_of_the_estimators() -> None:
+    """estimates='dataset': the thresholds use dataset_sharpness and estimate_sigma over the
+    training set, and the tags say over how many examples."""
+    from torch_coherence.curvature import dataset_sharpness, estimate_sigma
+    from torch_coherence.probe import CoherenceProbe
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 4, generator=gen)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    data = torch.utils.data.TensorDataset(x, y)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    loss = nn.CrossEntropyLoss()
+    probe = CoherenceProbe(
+        loss=loss,
+        probe=data,
+        probe_size=16,
+        dataset_size=40,
+        estimates="dataset",
+        lookahead=False,
+        criterion="theorem1",
+        max_overhead=None,
+    )
+    res = probe.run(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, warn=collect([]))
+    sharp = dataset_sharpness(model, loss, data, kind="ggn", seed=0)
+    sig = estimate_sigma(model, loss, data, m=16, seed=0)
+    m = res.metrics
+    assert m["sharpness/ggn"] == pytest.approx(sharp.value, rel=1e-6)
+    assert m["sharpness/samples"] == sharp.n_samples == 40
+    assert m["coherence/sigma"] == pytest.approx(sig.value, rel=1e-9)
+    assert m["coherence/sigma_n"] == sig.n == 40
+    assert m["coherence/sigma_stderr"] == pytest.approx(sig.stderr)
+    assert m["probe/size"] == 16 and m["coherence/sigma_probe"] != m["coherence/sigma"]
+    with pytest.raises(ValueError, match="estimates"):
+        CoherenceProbe(estimates="full")

@@ -30,7 +30,14 @@ from ..theory import StabilityReport
 from . import data as _data
 from . import messages as text
 from . import schedule as _schedule
-from .assess import Assessment, _unwrap, assess, effective_optimizer_params, linear_dynamics
+from .assess import (
+    Assessment,
+    Estimate,
+    _unwrap,
+    assess,
+    effective_optimizer_params,
+    linear_dynamics,
+)
 from .data import sample_probe
 from .messages import CoherenceProbeError, CoherenceWarning, UnstableTrainingError
 from .policy import ACT_ON, CRITERIA, ON_UNSTABLE, Policy, PolicyState, set_learning_rate
@@ -70,7 +77,13 @@ SHARED_OPTIONS = (
 
 #: Newer options of :class:`CoherenceProbe` an integration may forward under the same names
 #: (:func:`shared_options` passes those it finds).
-EXTRA_OPTIONS = ("act_on", "max_triggered", "lookahead")
+EXTRA_OPTIONS = ("act_on", "max_triggered", "lookahead", "estimates")
+
+#: What ``estimates`` accepts: ``"probe"``, the sharpness and sigma of the probe's own m
+#: examples (n = m, said in the tags); ``"dataset"``, the sharpness of the training loss
+#: (:func:`~torch_coherence.curvature.dataset_sharpness`) and the full-data sigma estimate
+#: (:func:`~torch_coherence.curvature.estimate_sigma`) over the training set.
+ESTIMATES = ("probe", "dataset")
 
 
 @dataclass(frozen=True)
@@ -225,6 +238,10 @@ class CoherenceProbe:
             multiples, on training batches of size B drawn with the probe's own generator)
             at the pre-flight and triggered probes and, within the budget, at scheduled
             ones. Needs the training dataset (passed through ``probe`` or :meth:`set_probe`).
+        estimates: the sharpness and sigma the thresholds use, one of :data:`ESTIMATES`.
+            ``"dataset"`` runs passes over the training set (up to 2048 examples) at every
+            probe: far more accurate (``docs/estimates.md``) and far more costly than the
+            probe itself, so it is not the default.
         forward_fn: ``forward_fn(model, inputs) -> outputs`` when ``model(inputs)`` is not the
             forward pass the loss expects.
         engine_kwargs: further keyword arguments for :func:`torch_coherence.measure_curvature`.
@@ -256,6 +273,7 @@ class CoherenceProbe:
         act_on: str = "blowup",
         max_triggered: int = 10,
         lookahead: bool = True,
+        estimates: str = "probe",
         forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         engine_kwargs: dict[str, Any] | None = None,
         engine: Callable[..., Any] | None = None,
@@ -281,6 +299,8 @@ class CoherenceProbe:
         if act_on not in ACT_ON:
             raise ValueError(f"act_on must be one of {ACT_ON}, got {act_on!r}")
         _check_int("max_triggered", max_triggered, 0)
+        if estimates not in ESTIMATES:
+            raise ValueError(f"estimates must be one of {ESTIMATES}, got {estimates!r}")
         for name, flag in (("lyapunov", lyapunov), ("lookahead", lookahead)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be a bool, got {flag!r}")
@@ -309,6 +329,8 @@ class CoherenceProbe:
         self.mean_square_rate = bool(mean_square_rate) or criterion == "mean_square"
         self.lyapunov = lyapunov
         self.lookahead = lookahead
+        self.estimates = estimates
+        self._dataset_vector: torch.Tensor | None = None
         self.forward_fn = forward_fn
         self.engine_kwargs = dict(engine_kwargs or {})
         self._engine = engine or _default_engine
@@ -567,6 +589,9 @@ class CoherenceProbe:
                     grad_sq = _mean_gradient_sq_norm(
                         model, inputs, targets, self.loss, self.forward_fn
                     )
+            sharp = sigma = None
+            if self.estimates == "dataset":
+                sharp, sigma = self._dataset_estimates(model)
         self.last_curvature = curv
         warm = getattr(curv, "sharpness_vector", None)
         self._warm_vector = warm if isinstance(warm, torch.Tensor) else None
@@ -575,12 +600,38 @@ class CoherenceProbe:
             settings,
             batch_size,
             n,
+            sharpness=sharp,
+            sigma=sigma,
             mean_grad_sq=grad_sq,
             mean_square_rate=self.mean_square_rate,
             seed=self.seed,
             m=_data.length(inputs),
         )
         return assessment, curv
+
+    def _dataset_estimates(self, model: nn.Module) -> tuple[Estimate, Estimate]:
+        """The training loss's sharpness and the full-data sigma estimate, over the training
+        set (warm-started from the last probe's eigenvector; a cache, like the engine's)."""
+        from ..curvature import dataset_sharpness, estimate_sigma
+
+        if self.train_dataset is None:
+            raise ValueError("estimates='dataset' needs the training dataset (set_probe)")
+        kind = "hessian" if self.sharpness == "hessian" else "ggn"
+        common = {"seed": self.seed, "forward_fn": self.forward_fn}
+        sharp = dataset_sharpness(
+            model,
+            self.loss,
+            self.train_dataset,
+            kind=kind,
+            init_vector=self._dataset_vector,
+            **common,
+        )
+        self._dataset_vector = sharp.vector
+        sig = estimate_sigma(model, self.loss, self.train_dataset, m=self.probe_size, **common)
+        stderr = float(sig.stderr)
+        return Estimate(float(sharp.value), int(sharp.n_samples)), Estimate(
+            float(sig.value), int(sig.n), stderr
+        )
 
     def _extras(
         self,
