@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import pathlib
 import warnings
+from types import SimpleNamespace
 
 import pytest
 from probe.fakes import SHARP, SIGMA, B, N, ScriptedLookahead, collect, sgd
@@ -179,3 +180,14 @@ def test_no_text_says_will_diverge() -> None:
     root = pathlib.Path(torch_coherence.__file__).parent / "probe"  # the probe says it all
     for path in root.rglob("*.py"):
         assert "will diverge" not in path.read_text(), path
+
+
+def test_the_lookahead_steps_one_real_optimizer() -> None:
+    from torch_coherence.probe.probe import _single_optimizer
+
+    opt = sgd(0.1)
+    wrapped = SimpleNamespace(_optimizer=opt)
+    assert _single_optimizer(wrapped) is opt
+    assert _single_optimizer(SimpleNamespace(optimizers=[wrapped])) is opt
+    with pytest.raises(TypeError, match="one optimizer; this model trains with 2"):
+        _single_optimizer(SimpleNamespace(optimizers=[opt, sgd(0.2)]))

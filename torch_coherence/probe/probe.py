@@ -171,6 +171,20 @@ def _default_lookahead() -> Any:
         return None
 
 
+def _single_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The one torch optimizer the lookahead steps (a Lightning wrapper or a one-optimizer
+    composite unwrapped); several optimizers are refused (named in the lookahead's note)."""
+    opt = _unwrap(optimizer)
+    inner = getattr(opt, "optimizers", None)
+    if not isinstance(opt, torch.optim.Optimizer) and isinstance(inner, (list, tuple)):
+        if len(inner) != 1:
+            raise TypeError(
+                f"the lookahead steps one optimizer; this model trains with {len(inner)}"
+            )
+        opt = _unwrap(inner[0])
+    return opt
+
+
 def _preserved(model: nn.Module) -> Any:
     from .._state import preserved_state
 
@@ -701,7 +715,7 @@ class CoherenceProbe:
             batches = [(_data.to(x, device), _data.to(y, device)) for x, y in batches]
             return module.lookahead(
                 model,
-                _unwrap(optimizer),
+                _single_optimizer(optimizer),
                 self.loss,
                 batches,
                 blowup_factor=self.policy.blowup_factor,
