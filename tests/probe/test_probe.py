@@ -545,3 +545,17 @@ def test_one_tag_list_with_descriptions() -> None:
         "stability/mean_square_rate",
     }
     assert contract <= set(TAGS)
+
+
+def test_result_survives_pickling_for_the_ddp_broadcast() -> None:
+    import pickle
+
+    from probe.fakes import ScriptedLookahead, collect
+
+    probe = _probe(ScriptedEngine(), lookahead=True, lookahead_module=ScriptedLookahead(0.1))
+    res = probe.run(nn.Linear(3, 2), _opt(0.2), B, warn=collect([]))
+    back = pickle.loads(pickle.dumps(res))
+    assert back == res and back.categories == res.categories and back.lookahead.predicted
+    other = _probe(ScriptedEngine())
+    other.commit(back, warn=collect([]))
+    assert other.armed == probe.armed and other.history == probe.history
