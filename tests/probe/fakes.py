@@ -27,6 +27,8 @@ class ScriptedEngine:
         self.calls.append(kwargs)
         if self.clock is not None:
             self.clock[0] += self.cost
+        if isinstance(self.sharpness, Exception):
+            raise self.sharpness
         stats = SimpleNamespace(
             sigma=self.sigma,
             lambda_S=self.sigma * 3.0,
@@ -35,7 +37,7 @@ class ScriptedEngine:
         )
         return SimpleNamespace(
             stats=stats,
-            hessian_sharpness=None,
+            hessian_sharpness=self.sharpness * 1.1,
             ggn_sharpness=self.sharpness,
             gradient_noise_scale=12.0,
             num_samples=int(inputs.shape[0]),

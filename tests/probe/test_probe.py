@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from probe.fakes import SHARP, SIGMA, B, N, ScriptedEngine
 from torch import nn
 
 from torch_coherence.optim import SAM
@@ -24,32 +25,6 @@ from torch_coherence.probe import (
     sample_probe,
 )
 from torch_coherence.theory import critical_lr
-
-N, B, SIGMA, SHARP = 1000, 10, 4.0, 2.0
-
-
-class ScriptedEngine:
-    """Returns the sharpness and sigma it is told (the probe's logic, not the maths)."""
-
-    def __init__(self, sharpness: float = SHARP, sigma: float = SIGMA) -> None:
-        self.sharpness, self.sigma, self.calls = sharpness, sigma, []
-
-    def __call__(self, model, inputs, targets, loss, **kwargs):
-        self.calls.append(kwargs)
-        if isinstance(self.sharpness, Exception):
-            raise self.sharpness
-        stats = SimpleNamespace(
-            sigma=self.sigma,
-            lambda_S=self.sigma * 3.0,
-            max_sample_sharpness=3.0,
-            sharpness=self.sharpness,
-        )
-        return SimpleNamespace(
-            stats=stats,
-            hessian_sharpness=self.sharpness * 1.1,
-            ggn_sharpness=self.sharpness,
-            gradient_noise_scale=12.0,
-        )
 
 
 def _probe(engine: ScriptedEngine, **kw) -> CoherenceProbe:
@@ -549,3 +524,38 @@ def test_adjust_lr_never_raises_the_learning_rate() -> None:
     res = probe.run(nn.Linear(3, 2), _opt(6.0), 1, warn=lambda _m, _c: None)
     assert res.new_lr is not None and res.new_lr <= 0.5 * 6.0
     assert res.new_lr == pytest.approx(0.5 * res.metrics["stability/typical_critical_lr"])
+
+
+def test_one_tag_list_with_descriptions() -> None:
+    from torch_coherence.probe import CONDITIONAL_TAGS, TAG_DESCRIPTIONS
+
+    assert list(TAG_DESCRIPTIONS) == list(TAGS) and len(set(TAGS)) == len(TAGS)
+    assert set(CONDITIONAL_TAGS) <= set(TAGS)
+    contract = {
+        "coherence/sigma",
+        "coherence/sigma_n",
+        "coherence/sigma_stderr",
+        "coherence/sigma_probe",
+        "probe/size",
+        "sharpness/samples",
+        "stability/blowup_lr",
+        "stability/critical_lr",
+        "stability/typical_critical_lr",
+        "stability/lyapunov",
+        "stability/mean_square_rate",
+    }
+    assert contract <= set(TAGS)
+
+
+def test_result_survives_pickling_for_the_ddp_broadcast() -> None:
+    import pickle
+
+    from probe.fakes import ScriptedLookahead, collect
+
+    probe = _probe(ScriptedEngine(), lookahead=True, lookahead_module=ScriptedLookahead(0.1))
+    res = probe.run(nn.Linear(3, 2), _opt(0.2), B, warn=collect([]))
+    back = pickle.loads(pickle.dumps(res))
+    assert back == res and back.categories == res.categories and back.lookahead.predicted
+    other = _probe(ScriptedEngine())
+    other.commit(back, warn=collect([]))
+    assert other.armed == probe.armed and other.history == probe.history

@@ -174,3 +174,64 @@ def test_sub_millisecond_steps_trade_probes_for_the_budget(monkeypatch) -> None:
     assert probes == 1 and budgeted == 0.0  # the pre-flight probe only
     probes, budgeted, _, train = _fit(monkeypatch, 20_000, 0.0005, 0.025, 0.05)
     assert 5 <= probes - 1 <= 12 and budgeted / train <= 0.03
+
+
+def test_state_dict_keeps_the_triggers_and_reads_the_old_format() -> None:
+    probe = scripted_probe(every_n_steps=50, max_triggered=3)
+    probe.start()
+    _settled(probe, lr=0.1)
+    probe.count_step()
+    assert probe.observe(math.nan, 0.1)
+    probe.run(nn.Linear(3, 2), sgd(0.1), B, warn=collect([]))
+    state = probe.state_dict()
+    assert state["triggered"] == 1 and state["last_probe_lr"] == 0.1
+    fresh = scripted_probe(every_n_steps=50, max_triggered=3)
+    fresh.load_state_dict(state)
+    assert fresh.armed == probe.armed and fresh.schedule.last_probe_lr == 0.1
+    old = {"steps": 3, "last_probe_step": 3, "armed": [False, True, True], "history": []}
+    fresh.load_state_dict(old)
+    assert not fresh.armed.approach and fresh.armed.linear and fresh.next_probe_step == 4
+
+
+def test_due_reads_no_clock_and_a_postponed_probe_measures_nothing(monkeypatch) -> None:
+    """due() is the same on every DDP rank; the measuring rank postpones a probe that does
+    not fit, and the postponement travels in the (broadcast) result."""
+    clock = [0.0]
+    monkeypatch.setattr(S, "now", lambda: clock[0])
+    engine = ScriptedEngine(clock=clock, cost=1.0)
+    probe = scripted_probe(engine, every_n_steps=10, max_overhead=0.03)
+    rank1 = scripted_probe(ScriptedEngine(), every_n_steps=10, max_overhead=0.03)
+    probe.start()
+    rank1.start()
+    opt, model = sgd(0.01), nn.Linear(3, 2)
+    for p in (probe, rank1):
+        assert p.due()
+    res = probe.measure(model, opt, B)
+    for p in (probe, rank1):
+        p.commit(res, opt, warn=collect([]))
+    for _ in range(10):
+        clock[0] += 0.01
+        for p in (probe, rank1):
+            p.count_step()
+    assert probe.due() and rank1.due()
+    calls = len(engine.calls)
+    res = probe.measure(model, opt, B)
+    assert res.kind == "postponed" and not res.metrics and len(engine.calls) == calls
+    for p in (probe, rank1):
+        p.commit(res, opt, warn=collect([]))
+        assert not p.due() and p.next_probe_step == res.next_step > 1000
+    assert len(probe.history) == len(rank1.history) == 1
+
+
+def test_a_probe_after_a_non_finite_loss_says_training_blew_up() -> None:
+    probe = scripted_probe(ScriptedEngine(FloatingPointError("non-finite output curvature")))
+    probe.schedule.last_probe_lr = 0.01
+    for value in [1.0] * 20:
+        probe.count_step()
+        probe.observe(value, 0.01)
+    probe.count_step()
+    assert probe.observe(math.inf, 0.01)
+    seen: list = []
+    res = probe.run(nn.Linear(3, 2), sgd(0.01), B, warn=collect(seen))
+    assert res.error and "training has blown up: non-finite training loss inf" in seen[0][0]
+    assert "failed" not in seen[0][0]

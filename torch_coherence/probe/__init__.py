@@ -30,6 +30,7 @@ from .assess import (
     probe_estimates,
     sam_alpha,
 )
+from .data import sample_probe
 from .messages import (
     BlowupWarning,
     CoherenceProbeError,
@@ -53,7 +54,6 @@ from .probe import (
     SHARED_OPTIONS,
     CoherenceProbe,
     ProbeResult,
-    sample_probe,
     shared_options,
 )
 from .schedule import LR_FACTOR, SPIKE_FACTOR, Schedule

@@ -10,8 +10,8 @@ Two categories carry a verdict, and they mean different things:
   move to flatter weights, not necessarily with divergence (``docs/theory.md §8``).
 
 Everything else (approaching a threshold, the edge of stability, learning rate 0, a failed
-probe, configuration notes) is a plain :class:`CoherenceWarning`. No text here says that
-training "will diverge".
+probe, configuration notes) is a plain :class:`CoherenceWarning`. No text here says
+that training diverges.
 """
 
 from __future__ import annotations
@@ -279,4 +279,15 @@ def lookahead_failed(step: int, err: BaseException) -> str:
     return (
         f"{PREFIX}: the blow-up lookahead at optimizer step {step} failed ({what}); the probe "
         "goes on without a blow-up prediction (said once)"
+    )
+
+
+def blown_up(step: int, trigger: str, err: BaseException, raising: bool) -> str:
+    """The probe triggered by a non-finite loss could not measure: training has blown up."""
+    what = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+    tail = "" if raising else " The probe goes on at the next trigger or scheduled step."
+    return (
+        _head(step) + f"training has blown up: {trigger}, and the probe cannot measure these "
+        f"weights ({what}). Restart from a checkpoint before the blow-up with a lower learning "
+        f"rate.{tail}"
     )

@@ -16,6 +16,7 @@ each optimizer step. The parts, each in its own module:
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 from collections.abc import Callable
@@ -26,9 +27,18 @@ import torch
 from torch import nn
 
 from ..theory import StabilityReport
+from . import data as _data
 from . import messages as text
 from . import schedule as _schedule
-from .assess import Assessment, _unwrap, assess, effective_optimizer_params, linear_dynamics
+from .assess import (
+    Assessment,
+    Estimate,
+    _unwrap,
+    assess,
+    effective_optimizer_params,
+    linear_dynamics,
+)
+from .data import sample_probe
 from .messages import CoherenceProbeError, CoherenceWarning, UnstableTrainingError
 from .policy import ACT_ON, CRITERIA, ON_UNSTABLE, Policy, PolicyState, set_learning_rate
 from .schedule import Schedule, count_target
@@ -67,7 +77,13 @@ SHARED_OPTIONS = (
 
 #: Newer options of :class:`CoherenceProbe` an integration may forward under the same names
 #: (:func:`shared_options` passes those it finds).
-EXTRA_OPTIONS = ("act_on", "max_triggered", "lookahead")
+EXTRA_OPTIONS = ("act_on", "max_triggered", "lookahead", "estimates")
+
+#: What ``estimates`` accepts: ``"probe"``, the sharpness and sigma of the probe's own m
+#: examples (n = m, said in the tags); ``"dataset"``, the sharpness of the training loss
+#: (:func:`~torch_coherence.curvature.dataset_sharpness`) and the full-data sigma estimate
+#: (:func:`~torch_coherence.curvature.estimate_sigma`) over the training set.
+ESTIMATES = ("probe", "dataset")
 
 
 @dataclass(frozen=True)
@@ -88,7 +104,9 @@ class ProbeResult:
         new_lr: the learning rate set by ``on_unstable="adjust_lr"``, else ``None``.
         raise_error: whether :meth:`CoherenceProbe.commit` raises.
         next_step: the optimizer-step count at which the next scheduled probe is due.
-        kind: ``"scheduled"``, ``"preflight"`` or ``"triggered"``.
+        kind: ``"scheduled"``, ``"preflight"``, ``"triggered"``, or ``"postponed"``: a
+            scheduled probe whose cost did not fit in the budget yet; nothing was measured
+            (no metrics, no history entry), only ``next_step`` moves.
         trigger: why a triggered probe ran, else ``None``.
         lr: the learning rate the probe saw (``None`` when it could not be read).
         seconds: wall time of the probe.
@@ -147,11 +165,24 @@ def _default_engine(*args: Any, **kwargs: Any) -> Any:
 
 def _default_lookahead() -> Any:
     """The module :mod:`torch_coherence.lookahead`, or ``None`` where it is not installed."""
-    try:
-        from .. import lookahead as module
+    try:  # by module path: the package exports a function of the same name
+        return importlib.import_module("torch_coherence.lookahead")
     except ImportError:
         return None
-    return module
+
+
+def _single_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The one torch optimizer the lookahead steps (a Lightning wrapper or a one-optimizer
+    composite unwrapped); several optimizers are refused (named in the lookahead's note)."""
+    opt = _unwrap(optimizer)
+    inner = getattr(opt, "optimizers", None)
+    if not isinstance(opt, torch.optim.Optimizer) and isinstance(inner, (list, tuple)):
+        if len(inner) != 1:
+            raise TypeError(
+                f"the lookahead steps one optimizer; this model trains with {len(inner)}"
+            )
+        opt = _unwrap(inner[0])
+    return opt
 
 
 def _preserved(model: nn.Module) -> Any:
@@ -205,9 +236,9 @@ class CoherenceProbe:
             and the typical critical learning rate where it crosses 0, on the first
             :data:`~torch_coherence.probe.assess.LYAPUNOV_SAMPLES` probe examples standing
             for the n training examples. It costs about 1 s (64 examples, 10 classes, one
-            CPU thread): it runs at the pre-flight probe and, at scheduled probes, only when
-            it fits in the budget. Needs the probe's block Gram (m R <= 1024, or
-            ``engine_kwargs={"return_gram": True}``).
+            CPU thread; more on a loaded machine): it runs only when it fits in the budget
+            (at every probe with ``max_overhead=None``). Needs the probe's block Gram
+            (m R <= 1024, or ``engine_kwargs={"return_gram": True}``).
         criterion: the linear verdict, one of :data:`~torch_coherence.probe.policy.CRITERIA`
             (default ``"typical"``: gamma > 0; Theorem 1 when gamma is not available). It is
             warned with :class:`LinearInstabilityWarning`: "expect a loss spike or a move to
@@ -221,6 +252,10 @@ class CoherenceProbe:
             multiples, on training batches of size B drawn with the probe's own generator)
             at the pre-flight and triggered probes and, within the budget, at scheduled
             ones. Needs the training dataset (passed through ``probe`` or :meth:`set_probe`).
+        estimates: the sharpness and sigma the thresholds use, one of :data:`ESTIMATES`.
+            ``"dataset"`` runs passes over the training set (up to 2048 examples) at every
+            probe: far more accurate (``docs/estimates.md``) and far more costly than the
+            probe itself, so it is not the default.
         forward_fn: ``forward_fn(model, inputs) -> outputs`` when ``model(inputs)`` is not the
             forward pass the loss expects.
         engine_kwargs: further keyword arguments for :func:`torch_coherence.measure_curvature`.
@@ -252,6 +287,7 @@ class CoherenceProbe:
         act_on: str = "blowup",
         max_triggered: int = 10,
         lookahead: bool = True,
+        estimates: str = "probe",
         forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         engine_kwargs: dict[str, Any] | None = None,
         engine: Callable[..., Any] | None = None,
@@ -277,6 +313,8 @@ class CoherenceProbe:
         if act_on not in ACT_ON:
             raise ValueError(f"act_on must be one of {ACT_ON}, got {act_on!r}")
         _check_int("max_triggered", max_triggered, 0)
+        if estimates not in ESTIMATES:
+            raise ValueError(f"estimates must be one of {ESTIMATES}, got {estimates!r}")
         for name, flag in (("lyapunov", lyapunov), ("lookahead", lookahead)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name} must be a bool, got {flag!r}")
@@ -305,6 +343,8 @@ class CoherenceProbe:
         self.mean_square_rate = bool(mean_square_rate) or criterion == "mean_square"
         self.lyapunov = lyapunov
         self.lookahead = lookahead
+        self.estimates = estimates
+        self._dataset_vector: torch.Tensor | None = None
         self.forward_fn = forward_fn
         self.engine_kwargs = dict(engine_kwargs or {})
         self._engine = engine or _default_engine
@@ -356,15 +396,15 @@ class CoherenceProbe:
         A dataset (a loader's dataset) is kept as :attr:`train_dataset`, from which the
         lookahead draws its batches; explicit tensors serve as that dataset themselves.
         """
-        if isinstance(probe, (tuple, list)) and len(probe) == 2 and _is_batch_like(probe[0]):
+        if isinstance(probe, (tuple, list)) and len(probe) == 2 and _data.is_batch_like(probe[0]):
             inputs, targets = probe
-            if _length(inputs) < 1 or _length(inputs) != _length(targets):
+            if _data.length(inputs) < 1 or _data.length(inputs) != _data.length(targets):
                 raise ValueError(
                     "probe must be an (inputs, targets) pair with the same, non-zero number "
-                    f"of examples, got {_length(inputs)} and {_length(targets)}"
+                    f"of examples, got {_data.length(inputs)} and {_data.length(targets)}"
                 )
-            self._batch = (_detach(inputs), _detach(targets))
-            self.train_dataset = _Pairs(*self._batch)
+            self._batch = (_data.detach(inputs), _data.detach(targets))
+            self.train_dataset = _data.Pairs(*self._batch)
         else:
             dataset = getattr(probe, "dataset", probe)
             if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
@@ -380,7 +420,7 @@ class CoherenceProbe:
         assert self._batch is not None
         if self._device_batch is None or self._device_batch[2] != device:
             x, y = self._batch
-            self._device_batch = (_to(x, device), _to(y, device), device)
+            self._device_batch = (_data.to(x, device), _data.to(y, device), device)
         return self._device_batch[0], self._device_batch[1]
 
     # ------------------------------------------------------------------ schedule
@@ -444,6 +484,10 @@ class CoherenceProbe:
         :meth:`due` true at once (outside the time budget; at most ``max_triggered`` per
         fit).
 
+        Under DDP :meth:`due` must agree on every rank (rank zero measures, the others wait
+        for its result): pass every rank the same values (the loss averaged over the ranks,
+        or rank zero's broadcast), or call it on every rank with the same flags.
+
         Args:
             loss: the training loss of the step just taken (a float or a 0-d tensor).
             lr: the optimizer's current (largest) learning rate.
@@ -491,6 +535,10 @@ class CoherenceProbe:
             raise ValueError("loss is not set: pass loss= (e.g. torch.nn.CrossEntropyLoss())")
         if self.dataset_size is None:
             raise ValueError("dataset_size is not set: pass dataset_size= (n, the train size)")
+        if kind == "scheduled":
+            later = self.schedule.postponed_step()
+            if later is not None:  # its cost does not fit yet: no measurement
+                return ProbeResult(step=step, armed=self.state, next_step=later, kind="postponed")
         start = _schedule.now()
         lr = None
         try:
@@ -555,6 +603,9 @@ class CoherenceProbe:
                     grad_sq = _mean_gradient_sq_norm(
                         model, inputs, targets, self.loss, self.forward_fn
                     )
+            sharp = sigma = None
+            if self.estimates == "dataset":
+                sharp, sigma = self._dataset_estimates(model)
         self.last_curvature = curv
         warm = getattr(curv, "sharpness_vector", None)
         self._warm_vector = warm if isinstance(warm, torch.Tensor) else None
@@ -563,12 +614,38 @@ class CoherenceProbe:
             settings,
             batch_size,
             n,
+            sharpness=sharp,
+            sigma=sigma,
             mean_grad_sq=grad_sq,
             mean_square_rate=self.mean_square_rate,
             seed=self.seed,
-            m=_length(inputs),
+            m=_data.length(inputs),
         )
         return assessment, curv
+
+    def _dataset_estimates(self, model: nn.Module) -> tuple[Estimate, Estimate]:
+        """The training loss's sharpness and the full-data sigma estimate, over the training
+        set (warm-started from the last probe's eigenvector; a cache, like the engine's)."""
+        from ..curvature import dataset_sharpness, estimate_sigma
+
+        if self.train_dataset is None:
+            raise ValueError("estimates='dataset' needs the training dataset (set_probe)")
+        kind = "hessian" if self.sharpness == "hessian" else "ggn"
+        common = {"seed": self.seed, "forward_fn": self.forward_fn}
+        sharp = dataset_sharpness(
+            model,
+            self.loss,
+            self.train_dataset,
+            kind=kind,
+            init_vector=self._dataset_vector,
+            **common,
+        )
+        self._dataset_vector = sharp.vector
+        sig = estimate_sigma(model, self.loss, self.train_dataset, m=self.probe_size, **common)
+        stderr = float(sig.stderr)
+        return Estimate(float(sharp.value), int(sharp.n_samples)), Estimate(
+            float(sig.value), int(sig.n), stderr
+        )
 
     def _extras(
         self,
@@ -579,8 +656,8 @@ class CoherenceProbe:
         kind: str,
         start: float,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """The optional parts: gamma and the lookahead (outside the budget at pre-flight and
-        triggered probes, within it at scheduled ones)."""
+        """The optional parts: gamma (within the budget at every probe) and the lookahead
+        (outside the budget at pre-flight and triggered probes, within it at scheduled ones)."""
         extras: dict[str, Any] = {"lookahead": None, "lookahead_error": None}
         updates: dict[str, Any] = {}
         has_gram = getattr(curv, "gram", None) is not None
@@ -588,7 +665,8 @@ class CoherenceProbe:
         positive = assessment.report is not None
         spent = _schedule.now() - start
         if self.lyapunov and has_gram and positive:
-            if kind == "preflight" or self.schedule.affordable(self._lyapunov_seconds, spent):
+            # seconds to tens of seconds: within the budget at every kind of probe
+            if self.schedule.affordable(self._lyapunov_seconds, spent):
                 t0 = _schedule.now()
                 assessment.metrics.update(
                     linear_dynamics(curv, assessment, lyapunov=True, seed=self.seed)
@@ -634,10 +712,10 @@ class CoherenceProbe:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
         with _preserved(model):
             batches = module.draw_batches(self.train_dataset, size, steps, gen)
-            batches = [(_to(x, device), _to(y, device)) for x, y in batches]
+            batches = [(_data.to(x, device), _data.to(y, device)) for x, y in batches]
             return module.lookahead(
                 model,
-                _unwrap(optimizer),
+                _single_optimizer(optimizer),
                 self.loss,
                 batches,
                 blowup_factor=self.policy.blowup_factor,
@@ -687,7 +765,10 @@ class CoherenceProbe:
         lr: float | None,
     ) -> ProbeResult:
         raising = self.policy.on_unstable == "raise"
-        msg = text.failed(step, err, raising)
+        if trigger is not None and trigger.startswith("non-finite"):
+            msg = text.blown_up(step, trigger, err, raising)
+        else:
+            msg = text.failed(step, err, raising)
         return ProbeResult(
             step=step,
             error=msg,
@@ -725,6 +806,8 @@ class CoherenceProbe:
         self.schedule.record(
             result.step, result.kind, result.seconds, result.next_step, result.lr, base
         )
+        if result.kind == "postponed":
+            return
         self.state = result.armed
         if "lyapunov_seconds" in result.updates:
             self._lyapunov_seconds = float(result.updates["lyapunov_seconds"])
@@ -781,80 +864,6 @@ class CoherenceProbe:
         self.schedule.load_state_dict(state)
         self.state = PolicyState.from_saved(state["armed"])
         self.history = [dict(h) for h in state["history"]]
-
-
-def sample_probe(dataset: Any, size: int, seed: int) -> tuple[Any, Any]:
-    """Draw ``size`` examples (all if fewer) without replacement, seeded, and collate them.
-
-    Uses its own generator: the global RNG is untouched.
-    """
-    n = len(dataset)
-    if n < 1:
-        raise ValueError("probe dataset is empty")
-    gen = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(n, generator=gen)[: min(size, n)].sort().values
-    samples = [dataset[int(i)] for i in idx]
-    batch = torch.utils.data.default_collate(samples)
-    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2):
-        raise ValueError(
-            "probe dataset samples must be (input, target) pairs; pass explicit tensors as "
-            "probe=(inputs, targets) otherwise"
-        )
-    return _detach(batch[0]), _detach(batch[1])
-
-
-class _Pairs:
-    """Explicit ``(inputs, targets)`` tensors as a map-style dataset (for the lookahead)."""
-
-    def __init__(self, inputs: Any, targets: Any) -> None:
-        self.inputs, self.targets = inputs, targets
-
-    def __len__(self) -> int:
-        return _length(self.inputs)
-
-    def __getitem__(self, i: int) -> tuple[Any, Any]:
-        return _index(self.inputs, i), _index(self.targets, i)
-
-
-def _index(x: Any, i: int) -> Any:
-    if isinstance(x, dict):
-        return {k: _index(v, i) for k, v in x.items()}
-    return x[i]
-
-
-def _is_batch_like(x: Any) -> bool:
-    """Inputs of an explicit probe pair: a tensor or a dict of tensors."""
-    return isinstance(x, (torch.Tensor, dict))
-
-
-def _length(x: Any) -> int:
-    if isinstance(x, torch.Tensor):
-        return int(x.shape[0]) if x.dim() else 0
-    if isinstance(x, dict):
-        return _length(next(iter(x.values())))
-    if isinstance(x, (tuple, list)):
-        return _length(x[0])
-    return 0
-
-
-def _detach(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.detach().cpu().clone()
-    if isinstance(x, dict):
-        return {k: _detach(v) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_detach(v) for v in x)
-    return x
-
-
-def _to(x: Any, device: torch.device) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    return x
 
 
 def _mean_gradient_sq_norm(

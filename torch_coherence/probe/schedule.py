@@ -177,25 +177,20 @@ class Schedule:
         return "triggered" if self.pending is not None else "scheduled"
 
     def due(self) -> bool:
-        """Whether a probe is due now.
+        """Whether a probe is due now: a function of the step count and of what
+        :meth:`start`, :meth:`observe` and the recorded probes set, never of a clock, so that
+        every DDP rank that counts and observes the same agrees."""
+        return self.pending is not None or self.steps >= self.scheduled_step
 
-        A scheduled probe whose last measured cost does not fit in the budget yet is
-        postponed (the first one included, once a pre-flight probe has measured the cost).
-        """
-        if self.pending is not None:
-            return True
-        if self.steps < self.scheduled_step:
-            return False
-        if (
-            self.last_cost is not None
-            and self.t0 is not None
-            and not self.affordable(self.last_cost)
-        ):
-            self.scheduled_step = max(
-                self.next_step(self.steps, self.last_cost, 0.0), self.steps + 1
-            )
-            return False
-        return True
+    def postponed_step(self) -> int | None:
+        """For a due scheduled probe whose last measured cost does not fit in the budget yet
+        (the first one included, once the pre-flight probe has measured the cost): the step
+        it moves to; else ``None``. Asked by the measuring rank only."""
+        if self.pending is not None or self.last_cost is None or self.t0 is None:
+            return None
+        if self.affordable(self.last_cost):
+            return None
+        return max(self.next_step(self.steps, self.last_cost, 0.0), self.steps + 1)
 
     # ------------------------------------------------------------------ budget
     def training_seconds(self) -> float:
@@ -240,6 +235,9 @@ class Schedule:
     ) -> None:
         """A probe of ``kind`` ran at ``step`` (``base`` of its ``seconds`` without the
         optional parts): clear it, charge it, move the schedule."""
+        if kind == "postponed":  # nothing ran: only the schedule moves
+            self.scheduled_step = max(next_step, step + 1)
+            return
         self.last_probe_step = step
         self.last_cost = seconds if base is None else base
         if kind == "scheduled":
