@@ -116,7 +116,7 @@ def test_causal_lm_loss_is_the_models_own_loss() -> None:
     model = tiny_gpt2().eval()
     ids = TokenDataset("causal_lm").ids[:3]
     out = model(input_ids=ids, labels=ids)
-    per_sequence = torch.stack([causal_lm_loss(o, t) for o, t in zip(out.logits, ids)])
+    per_sequence = torch.stack([causal_lm_loss(o, t) for o, t in zip(out.logits, ids, strict=True)])
     torch.testing.assert_close(per_sequence.mean(), out.loss)  # no padding: the same mean
     masked = ids.clone()
     masked[0, 3:] = -100
