@@ -138,3 +138,19 @@ def test_unknown_model_needs_a_loss() -> None:
     )
     with pytest.raises(ValueError, match=r"CoherenceTrainerCallback\(loss=torch\.nn\."):
         infer_loss(model, torch.tensor([0]))
+
+
+def test_options_keyword_only_with_the_probes_names_and_defaults() -> None:
+    import inspect
+
+    from torch_coherence import CoherenceMonitor
+    from torch_coherence.probe import SHARED_OPTIONS, CoherenceProbe
+
+    params = inspect.signature(CoherenceTrainerCallback).parameters
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
+    probe = inspect.signature(CoherenceProbe).parameters
+    for name in SHARED_OPTIONS:
+        assert params[name].default == probe[name].default, name
+    monitor = list(inspect.signature(CoherenceMonitor).parameters)
+    ours = [n for n in params if n in monitor]
+    assert ours == [n for n in monitor if n in params]  # the monitor's order
