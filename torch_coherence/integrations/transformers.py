@@ -266,11 +266,11 @@ class CoherenceTrainerCallback(TrainerCallback):
         """Probe data, loss, n, B, TensorBoard, loss hook; then the pre-flight probe."""
         trainer = _calling_trainer()
         self._trainer = trainer
-        model = kwargs.get("model") or trainer.model
+        model = _first(kwargs.get("model"), trainer.model)
         loader = kwargs.get("train_dataloader")
-        dataset = getattr(loader, "dataset", None) or trainer.train_dataset
+        dataset = _first(getattr(loader, "dataset", None), trainer.train_dataset)
         if not self.probe.has_probe:
-            collate = getattr(loader, "collate_fn", None) or trainer.data_collator
+            collate = _first(getattr(loader, "collate_fn", None), trainer.data_collator)
             self.probe.set_probe(
                 draw_probe(dataset, collate, self.probe.probe_size, self.probe.seed, model)
             )
@@ -369,6 +369,10 @@ class CoherenceTrainerCallback(TrainerCallback):
             logs[WARNINGS_TAG] = "\n".join(result.messages)
         if logs:
             self._trainer.log(logs)
+
+
+def _first(value: Any, default: Any) -> Any:
+    return default if value is None else value
 
 
 def _unwrap(optimizer: Any) -> Any:
