@@ -374,3 +374,16 @@ def test_non_finite_loss_triggers_a_probe_at_once(tmp_path) -> None:
     # a probe right after the third step's inf loss (and, as the weights are then NaN, after
     # each later step: the guard's triggers are the probe's to bound)
     assert [h["step"] for h in cb.history][:2] == [0, 3]
+
+
+def test_options_are_keyword_only_in_the_monitors_order() -> None:
+    import inspect
+
+    from torch_coherence import CoherenceMonitor
+
+    params = inspect.signature(CoherenceCallback).parameters
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
+    monitor = list(inspect.signature(CoherenceMonitor).parameters)
+    assert [n for n in params if n in monitor] == [n for n in monitor if n in params]
+    with pytest.raises(TypeError):
+        CoherenceCallback(100)
