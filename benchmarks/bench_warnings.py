@@ -44,6 +44,7 @@ Run:  OMP_NUM_THREADS=1 python benchmarks/bench_warnings.py [--quick] [--seeds 5
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -51,7 +52,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -319,6 +320,20 @@ def evaluate(s: Setup, b: int, lr_star: float, seeds: list[int], ks, ctx, args) 
                 cost.update(dict.fromkeys(w, sec))
                 if k == max(ks):
                     blowup_lr = res.blowup_lr
+            # the default rule: either of two short runs at the current lr, on independent
+            # draws of 5 and 10 batches, blew up
+            if 5 in ks and 10 in ks:
+                name = "LA 5 or LA 10, 1x (default)"
+                warn[name] = warn["LA 5, 1x"] or warn["LA 10, 1x"]
+                cost[name] = cost["LA 5, 1x"] + cost["LA 10, 1x"]
+                model, opt = s.fresh(lr)
+                gen = torch.Generator().manual_seed(30_000 + 97 * seed)
+                res = lookahead(
+                    model, opt, s.loss, draw_batches((s.x, s.y), b, 10, gen), multiples=(1.0,)
+                )
+                name = "LA 10 or LA 10', 1x"
+                warn[name] = warn["LA 10, 1x"] or res.predicted
+                cost[name] = cost["LA 10, 1x"] + res.seconds
             if args.real_batches:
                 model, opt = s.fresh(lr)
                 real = draw_batches((s.x, s.y), b, 10, torch.Generator().manual_seed(10_000 + seed))
@@ -364,18 +379,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2-minute smoke run")
     p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seed-offset", type=int, default=0, help="first seed (5: a held-out grid)")
     p.add_argument("--setups", default="mlp,cnn,mse")
     p.add_argument("--linear-seeds", type=int, default=1, help="seeds with rho(T) and gamma")
     p.add_argument("--linear-setups", default="mse", help="setups with rho(T) and gamma")
     p.add_argument("--no-gamma", action="store_true")
+    p.add_argument("--json", help="also write every run (criteria, blow-up step, costs) here")
     p.add_argument("--no-real-batches", dest="real_batches", action="store_false")
     args = p.parse_args()
     batch_sizes, ks, bisections = BATCH_SIZES, LA_STEPS, 4
     args.factors = LR_FACTORS
     if args.quick:
-        args.seeds, batch_sizes, ks, bisections = 2, (32,), (10,), 2
+        args.seeds, batch_sizes, ks, bisections = 2, (32,), (5, 10), 2
         args.factors, args.no_gamma = (0.5, 2.0), True
-    seeds = list(range(args.seeds))
+    seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
     t_start = time.perf_counter()
     print(
         f"# bench_warnings {' '.join(sys.argv[1:])}  threads={torch.get_num_threads()} "
@@ -453,6 +470,31 @@ def main() -> None:
                 rs = [r for r in all_runs if r.setup == s.name and r.b == b and r.factor == f]
                 row.append(f"{sum(r.blowup_step is not None for r in rs)}/{len(rs)}")
             print(f"| {s.name} B={b} | " + " | ".join(row) + " |")
+    print("\n## Per batch size (recall / false alarms)\n")
+    names = list(dict.fromkeys(k for r in all_runs for k in r.warn))
+    keys = [(s.name, b) for s in setups for b in batch_sizes]
+    print("| criterion | " + " | ".join(f"{n} B={b}" for n, b in keys) + " |")
+    print("| --- |" + " --- |" * len(keys))
+    for name in names:
+        cells = []
+        for key in keys:
+            rs = [r for r in all_runs if (r.setup, r.b) == key and name in r.warn]
+            bl = [r for r in rs if r.blowup_step is not None]
+            ok = [r for r in rs if r.blowup_step is None]
+            rec = sum(r.warn[name] for r in bl)
+            fa = sum(r.warn[name] for r in ok)
+            cells.append(f"{rec}/{len(bl)}, {fa}/{len(ok)}" if rs else "-")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(
+                {
+                    "runs": [asdict(r) for r in all_runs],
+                    "step_time": {f"{k[0]}/{k[1]}": v for k, v in step_time.items()},
+                    "lr_star": {f"{c[0]}/{c[1]}": c[3] for c in calib},
+                },
+                fh,
+            )
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s, load={os.getloadavg()}")
 
 
