@@ -24,7 +24,7 @@ also lim (1/k) E log ||Pi_k w_0|| (Furstenberg-Kesten), **gamma <= (1/2) log rho
 The gap is the heavy tail of the products: E||w_k||^2 can diverge (rho(T) > 1) while
 almost every run shrinks (gamma < 0). MATH.md §4 gives the one-dimensional example
 n = 3, curvatures (1, 1/4, 1/4), B = 1, eta = 2.25 (Bernoulli): E j^2 = 1.28 > 1 while
-gamma = E log|j| = -0.2458 < 0 (:func:`disagreement_demo`).
+gamma = E log|j| = -0.2458 < 0 (:func:`torch_coherence.reproduce.disagreement_demo`).
 
 The data set
 ------------
@@ -56,7 +56,8 @@ distribution of sum_g v_g X_g is enumerated (up to :data:`EXACT_SUPPORT_LIMIT` p
 beyond it the Monte-Carlo estimator is used). gamma = -inf when some factor is exactly 0
 with positive probability. For the §5.1 construction this gives the binomial /
 hypergeometric expectation of log|1 - eta m X / B| on the coherent coordinate and
-(B/n) log|1 - eta m / B| on each private one (:func:`section51_lyapunov`). At B = n (no
+(B/n) log|1 - eta m / B| on each private one
+(:func:`torch_coherence.reproduce.section51_lyapunov`). At B = n (no
 noise) every J_hat equals J (or the momentum companion matrix A) and gamma = log rho(A).
 
 Monte-Carlo estimator (everything else)
@@ -101,7 +102,7 @@ from scipy.special import gammaln
 
 from .._validation import check_momentum, check_positive, check_sample_count
 from .curvature_space import CoefficientCurvature, as_coefficient_curvature
-from .operator import _sam_q, check_sampling, mean_square_rate
+from .operator import _sam_q, check_sampling
 
 __all__ = [
     "EXACT_SUPPORT_LIMIT",
@@ -112,9 +113,7 @@ __all__ = [
     "TypicalCriticalLR",
     "critical_batch_size_typical",
     "critical_lr_typical",
-    "disagreement_demo",
     "lyapunov_exponent",
-    "section51_lyapunov",
     "stability_verdict",
 ]
 
@@ -318,29 +317,6 @@ def _group_log_moment(
     ok = B - taken <= rest
     logp = logw[ok] + _lcomb(rest, B - taken[ok]) - float(_lcomb(n, B))
     return _log_abs_mean(1.0 - scale * total[ok], np.exp(logp))
-
-
-def section51_lyapunov(
-    n: int, sigma: int, lr: float, batch_size: float, sampling: str, sam_q: float = 0.0
-) -> float:
-    """Exact top Lyapunov exponent of the paper's §5.1 construction (commuting, MATH.md §7).
-
-    Coordinate 1: j = 1 - (eta m / B)(1 + 2 q) X with X ~ Binomial(sigma, B/n) (Bernoulli)
-    or Hypergeometric(n, sigma, B) (without replacement), m = 2 n / sigma; every other
-    coordinate: j = 1 - (eta m / B)(1 + 2 q / sigma) with probability B/n, else 1, so
-    E log|j| = (B/n) log|1 - (eta m / B)(1 + 2 q / sigma)|. gamma is the larger of the two
-    (only the first when sigma = n); -inf when a factor can be exactly 0.
-    """
-    m = 2.0 * n / sigma
-    c = lr * m / batch_size
-    one = np.ones(1)
-    first = _group_log_moment(one, np.array([sigma]), n, batch_size, sampling,
-                              c * (1.0 + 2.0 * sam_q))  # fmt: skip
-    if sigma == n:
-        return float(first)
-    other = _group_log_moment(one, np.array([1]), n, batch_size, sampling,
-                              c * (1.0 + 2.0 * sam_q / sigma))  # fmt: skip
-    return max(float(first), float(other))
 
 
 def _cluster(vals: np.ndarray, rtol: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
@@ -1174,38 +1150,3 @@ def stability_verdict(rho: float, gamma: LyapunovEstimate | float, z: float = 2.
                 f"still settle ({rtxt} > 1: E||w_k||^2 diverges; {gtxt} < 0: a typical run "
                 f"shrinks)")  # fmt: skip
     return f"stable: typical runs and the mean square both contract ({rtxt} <= 1, {gtxt} < 0)"
-
-
-def disagreement_demo() -> str:
-    """MATH.md §4: n = 3, curvatures (1, 1/4, 1/4), B = 1, Bernoulli sampling, exact values.
-
-    At eta = 2.25, rho(T) = E j^2 = 1.28 > 1 (mean-square divergent) while
-    gamma = E log|j| = -0.2458 < 0 (a typical run shrinks); eta = 1.5 is stable in both
-    senses and eta = 6 divergent in both. Each line also gives the outcome of 200 simulated
-    runs (:func:`simulate_linearized_sgd`, the paper's 1000x rule, 1000 steps, seed 0), the
-    verdict at eta = 2.25 and the two critical learning rates (rho(T) = 1 at eta = 2,
-    gamma = 0 at eta = 4.698). Returns the text.
-    """
-    from .operator import critical_lr_exact
-    from .simulate import simulate_linearized_sgd
-
-    D = torch.tensor([[1.0], [0.25], [0.25]], dtype=F64)
-    lines = ["n = 3, per-sample curvatures (1, 1/4, 1/4), B = 1, Bernoulli sampling (MATH.md §4)"]
-    for eta in (1.5, 2.25, 6.0):
-        rho = mean_square_rate(D, eta, 1, kind="diagonal")
-        gam = lyapunov_exponent(D, eta, 1, kind="diagonal")
-        sim = simulate_linearized_sgd(D, eta, 1, steps=1000, repeats=200, seed=0, kind="diagonal")
-        lines.append(
-            f"eta = {eta}: rho(T) = {rho:.4f}, gamma = {gam.value:+.4f} (exact); simulated: "
-            f"{sim.diverged_fraction:.0%} of 200 runs grew 1000x, {sim.converged_fraction:.0%} "
-            f"shrank 1000x -> {stability_verdict(rho, gam).split(' (')[0]}"
-        )
-    rho = mean_square_rate(D, 2.25, 1, kind="diagonal")
-    warn = stability_verdict(rho, lyapunov_exponent(D, 2.25, 1, kind="diagonal"))
-    lines.append(f"warning at eta = 2.25: {warn}")
-    ms = critical_lr_exact(D, 1, kind="diagonal")
-    ty = critical_lr_typical(D, 1, kind="diagonal", seed=0)
-    lines.append(f"critical eta: mean-square (rho(T) = 1) {ms:.4f}, typical (gamma = 0) "
-                 f"{ty.lr:.4f}; in between E||w_k||^2 diverges while a typical run "
-                 "converges")  # fmt: skip
-    return "\n".join(lines)
