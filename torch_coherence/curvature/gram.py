@@ -76,6 +76,12 @@ class GramFactors:
     R: int
     ghosts: list[_Ghost] = field(default_factory=list)
     rows: list[torch.Tensor] = field(default_factory=list)  # each (m, R, P) float64
+    dense: torch.Tensor | None = None  # (m, R, m, R): layers already summed into K
+
+    def absorb(self, part: GramFactors) -> None:
+        """Add ``part``'s whole Gram to :attr:`dense` (its factors can then be freed)."""
+        K = part.full()
+        self.dense = K if self.dense is None else self.dense.add_(K)
 
     def block(self, I: slice, J: slice) -> torch.Tensor:  # noqa: E741
         """K_{IJ} of shape (|I|, R, |J|, R), float64."""
@@ -109,6 +115,9 @@ class GramFactors:
         for rows in self.rows:
             part = (rows[I].reshape(ni * R, -1) @ rows[J].reshape(nj * R, -1).T).view(ni, R, nj, R)
             K = part if K is None else K.add_(part)
+        if self.dense is not None:
+            part = self.dense[I, :, J, :]
+            K = part.clone() if K is None else K.add_(part)
         if K is None:
             return torch.zeros(ni, R, nj, R, dtype=torch.float64)
         return K
@@ -140,6 +149,8 @@ class GramFactors:
                 out += torch.einsum("irto,ito->ir", g.d, Y)
         for rows in self.rows:
             out += torch.einsum("irp,p->ir", rows, torch.einsum("jsp,js->p", rows, v))
+        if self.dense is not None:
+            out += torch.einsum("irjs,js->ir", self.dense, v)
         return out.reshape(-1)
 
     def split(self, r: int) -> tuple[GramFactors, GramFactors]:
@@ -151,6 +162,9 @@ class GramFactors:
         for rows in self.rows:
             head.rows.append(rows[:, :r])
             tail.rows.append(rows[:, r:])
+        if self.dense is not None:
+            head.dense = self.dense[:, :r, :, :r]
+            tail.dense = self.dense[:, r:, :, r:]
         return head, tail
 
     def diag_blocks(self, chunk: int) -> torch.Tensor:
@@ -206,6 +220,7 @@ def gram_factors(
     chunk_size: int | None = None,
     outputs_check: Callable[[torch.Tensor], None] | None = None,
     force: str | None = None,
+    accumulate: bool = False,
 ) -> GramFactors:
     """Factor structure of K for cotangents ``sqrt`` (m, C, R).
 
@@ -220,6 +235,10 @@ def gram_factors(
         outputs_check: called with the (m, C) outputs of the recording forward pass.
         force: ``"ghost"``, ``"materialise"`` or ``"fallback"`` to force one assembly path for
             all covered layers (testing); default chooses per layer by cost.
+        accumulate: stream K: sum each layer's Gram into ``GramFactors.dense`` as soon as
+            its factors exist and free them, and compute the fallback rows in parameter
+            groups of at most :data:`FALLBACK_GROUP_BYTES` (peak memory: the largest layer's
+            factors plus the (m R)^2 Gram, instead of every layer's factors at once).
     """
     fwd = Forward(model, forward_fn)
     m, _C, R = sqrt.shape
@@ -262,6 +281,7 @@ def gram_factors(
                     raise RuntimeError("rule declined a covered module")
                 a_parts.append(gin.a if gin.index else gin.a.double())
                 d_parts.append(output_positions(mod, torch.stack(grads[k])).double())
+                grads[k] = []  # free this call's output gradients
                 k += 1
             a = torch.cat(a_parts, 1)
             d = torch.cat(d_parts, 2)
@@ -273,15 +293,50 @@ def gram_factors(
                 or index
                 or (force != "materialise" and _ghost_cheaper(T, k_dim, o_dim, R))
             )
+            part = GramFactors(m=m, R=R)
             if ghost:
-                facs.ghosts.append(_Ghost(a=a, d=d, index=index))
+                part.ghosts.append(_Ghost(a=a, d=d, index=index))
             else:
                 dt = d.transpose(2, 3).reshape(m, R * o_dim, T)
-                facs.rows.append(torch.bmm(dt, a).reshape(m, R, -1))
+                part.rows.append(torch.bmm(dt, a).reshape(m, R, -1))
+            del a, d, a_parts, d_parts
+            records[mod] = []
+            if accumulate:
+                facs.absorb(part)
+            else:
+                facs.ghosts += part.ghosts
+                facs.rows += part.rows
+            del part
     records.clear()
-    if fallback:
-        facs.rows.append(_fallback_rows(fwd, inputs, sqrt, fallback, chunk_size or 32))
+    groups = _groups(fallback, m * R * 8) if accumulate else [fallback]
+    for group in groups:
+        if group:
+            rows = _fallback_rows(fwd, inputs, sqrt, group, chunk_size or 32)
+            if accumulate:
+                facs.absorb(GramFactors(m=m, R=R, rows=[rows]))
+            else:
+                facs.rows.append(rows)
+            del rows
     return facs
+
+
+#: Bytes of fallback rows computed at once when the Gram is streamed (several parameters
+#: share one ``torch.func`` pass up to this size; a larger parameter gets a pass of its own).
+FALLBACK_GROUP_BYTES = 256 * 2**20
+
+
+def _groups(params: dict[str, torch.Tensor], bytes_per_entry: int) -> list[dict[str, torch.Tensor]]:
+    """Split parameters into groups whose rows take at most FALLBACK_GROUP_BYTES each."""
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, p in sorted(params.items(), key=lambda kv: kv[1].numel()):
+        b = p.numel() * bytes_per_entry
+        if groups[-1] and size + b > FALLBACK_GROUP_BYTES:
+            groups.append({})
+            size = 0
+        groups[-1][name] = p
+        size += b
+    return groups
 
 
 def _fallback_rows(
