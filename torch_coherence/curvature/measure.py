@@ -364,6 +364,7 @@ def measure_curvature(
             forward_fn=forward_fn,
             chunk_size=chunk_size,
             outputs_check=_check_outputs,
+            accumulate=sketch_dim is None and (m * R <= DENSE_LIMIT or return_gram),
         )
         facs_g, facs_p = facs.split(R)
         del facs
