@@ -78,6 +78,13 @@ class GramFactors:
     rows: list[torch.Tensor] = field(default_factory=list)  # each (m, R, P) float64
     dense: torch.Tensor | None = None  # (m, R, m, R): layers already summed into K
 
+    def extend(self, part: GramFactors) -> None:
+        """Take over ``part``'s factors."""
+        self.ghosts += part.ghosts
+        self.rows += part.rows
+        if part.dense is not None:
+            self.absorb(GramFactors(m=self.m, R=self.R, dense=part.dense))
+
     def absorb(self, part: GramFactors) -> None:
         """Add ``part``'s whole Gram to :attr:`dense` (its factors can then be freed)."""
         K = part.full()
@@ -221,6 +228,7 @@ def gram_factors(
     outputs_check: Callable[[torch.Tensor], None] | None = None,
     force: str | None = None,
     accumulate: bool = False,
+    sink: Callable[[GramFactors], None] | None = None,
 ) -> GramFactors:
     """Factor structure of K for cotangents ``sqrt`` (m, C, R).
 
@@ -239,6 +247,10 @@ def gram_factors(
             its factors exist and free them, and compute the fallback rows in parameter
             groups of at most :data:`FALLBACK_GROUP_BYTES` (peak memory: the largest layer's
             factors plus the (m R)^2 Gram, instead of every layer's factors at once).
+        sink: receives each layer's (and fallback group's) factors as a
+            :class:`GramFactors` of their own instead of the result (e.g.
+            :class:`SketchSink`, which projects them before the next layer is built);
+            the returned factors are then empty.
     """
     fwd = Forward(model, forward_fn)
     m, _C, R = sqrt.shape
@@ -247,6 +259,8 @@ def gram_factors(
     if force == "fallback":
         fallback, covered = dict(selected), {}
     facs = GramFactors(m=m, R=R)
+    consume = sink or (facs.absorb if accumulate else facs.extend)
+    chunk = chunk_size or 32
     records: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
     def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
@@ -301,22 +315,13 @@ def gram_factors(
                 part.rows.append(torch.bmm(dt, a).reshape(m, R, -1))
             del a, d, a_parts, d_parts
             records[mod] = []
-            if accumulate:
-                facs.absorb(part)
-            else:
-                facs.ghosts += part.ghosts
-                facs.rows += part.rows
+            consume(part)
             del part
     records.clear()
-    groups = _groups(fallback, m * R * 8) if accumulate else [fallback]
+    groups = _groups(fallback, m * R * 8) if accumulate or sink else [fallback]
     for group in groups:
         if group:
-            rows = _fallback_rows(fwd, inputs, sqrt, group, chunk_size or 32)
-            if accumulate:
-                facs.absorb(GramFactors(m=m, R=R, rows=[rows]))
-            else:
-                facs.rows.append(rows)
-            del rows
+            consume(GramFactors(m=m, R=R, rows=[_fallback_rows(fwd, inputs, sqrt, group, chunk)]))
     return facs
 
 
@@ -407,3 +412,36 @@ def sketch(facs: GramFactors, k: int, generator: torch.Generator, chunk: int = 6
         om = torch.randn(rows.shape[-1], k, generator=generator, dtype=torch.float64) * scale
         Z += rows @ om
     return GramFactors(m=m, R=R, rows=[Z])
+
+
+class SketchSink:
+    r"""Projects each layer's factors as soon as they exist (``gram_factors(sink=...)``).
+
+    Rows ``[:rows]`` go through :func:`sketch` layer by layer into one (m, rows, k) tensor
+    (independent Gaussian :math:`\Omega_l` per layer, the same distribution as sketching the
+    whole factor at once), so no layer's per-sample rows outlive their layer; rows
+    ``[rows:]`` (the per-sample gradients) are kept exact. :meth:`result` gives both parts.
+    """
+
+    def __init__(self, m: int, rows: int, k: int, generator: torch.Generator) -> None:
+        self.k, self.generator = k, generator
+        self.Z = torch.zeros(m, rows, k, dtype=torch.float64)
+        self.tail: GramFactors | None = None
+        self.rows = rows
+
+    def __call__(self, part: GramFactors) -> None:
+        head, tail = part.split(self.rows)
+        self.Z += sketch(head, self.k, self.generator).rows[0]
+        keep = GramFactors(m=part.m, R=tail.R)
+        keep.ghosts = [_Ghost(a=g.a, d=g.d.clone(), index=g.index) for g in tail.ghosts]
+        keep.rows = [r.clone() for r in tail.rows]
+        if self.tail is None:
+            self.tail = keep
+        else:
+            self.tail.extend(keep)
+
+    def result(self) -> tuple[GramFactors, GramFactors]:
+        """(sketched factors of the first rows, exact factors of the rest)."""
+        m = self.Z.shape[0]
+        tail = self.tail if self.tail is not None else GramFactors(m=m, R=0)
+        return GramFactors(m=m, R=self.rows, rows=[self.Z]), tail
