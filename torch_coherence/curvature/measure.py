@@ -48,7 +48,7 @@ from torch import nn
 
 from ..coherence import CoherenceStats, _finish, coherence_from_gram
 from ..linalg import lanczos, top_eigenvalue
-from .gram import Forward, GramFactors, gram_factors, sketch
+from .gram import Forward, GramFactors, SketchSink, gram_factors
 from .losses import (
     append_columns,
     check_loss,
@@ -275,7 +275,9 @@ def measure_curvature(
             rows). Peak memory grows with it.
         sketch_dim: k for a randomized Gram :math:`(A\Omega)(A\Omega)^\top` (unbiased for
             K, relative error ~ 1/sqrt(k); see :func:`.gram.sketch`); the gradient Gram
-            stays exact. Only worthwhile when k is far below the parameter count.
+            stays exact. Each layer is projected as soon as its factors exist
+            (:class:`.gram.SketchSink`), so the memory is that of the largest layer plus
+            (m, R, k). Only worthwhile when k is far below the parameter count.
         sharpness: ``"both"``, ``"hessian"``, ``"ggn"`` or None.
         tol: relative eigenvalue accuracy of the Hessian Lanczos.
         max_hvps: at most this many Hessian-vector products.
@@ -356,6 +358,10 @@ def measure_curvature(
         grads = output_gradients(loss, out, targets)
         R = Bsq.shape[2]
         ext = append_columns(Bsq, grads.unsqueeze(2))
+        sink = None
+        if sketch_dim is not None:
+            gen_s = torch.Generator().manual_seed(1 if seed is None else seed + 1)
+            sink = SketchSink(m, R, sketch_dim, gen_s)
         facs = gram_factors(
             model,
             inputs,
@@ -365,12 +371,10 @@ def measure_curvature(
             chunk_size=chunk_size,
             outputs_check=_check_outputs,
             accumulate=sketch_dim is None and (m * R <= DENSE_LIMIT or return_gram),
+            sink=sink,
         )
-        facs_g, facs_p = facs.split(R)
+        facs_g, facs_p = facs.split(R) if sink is None else sink.result()
         del facs
-        if sketch_dim is not None:
-            gen_s = torch.Generator().manual_seed(1 if seed is None else seed + 1)
-            facs_g = sketch(facs_g, sketch_dim, gen_s)
         gram = None
         if m * R <= DENSE_LIMIT or return_gram:
             gram = facs_g.full()
