@@ -310,6 +310,8 @@ def gram_factors(
             part = GramFactors(m=m, R=R)
             if ghost:
                 part.ghosts.append(_Ghost(a=a, d=d, index=index))
+            elif accumulate and m * R * o_dim * k_dim * 8 > ROW_BLOCK_BYTES:
+                part.dense = _blocked_rows_gram(d, a)
             else:
                 dt = d.transpose(2, 3).reshape(m, R * o_dim, T)
                 part.rows.append(torch.bmm(dt, a).reshape(m, R, -1))
@@ -323,6 +325,32 @@ def gram_factors(
         if group:
             consume(GramFactors(m=m, R=R, rows=[_fallback_rows(fwd, inputs, sqrt, group, chunk)]))
     return facs
+
+
+#: Bytes of one layer's materialised per-sample rows held at once when the Gram is streamed;
+#: a larger layer's Gram is built from sample blocks of its rows (recomputed per block pair).
+ROW_BLOCK_BYTES = 256 * 2**20
+
+
+def _blocked_rows_gram(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """One layer's K (m, R, m, R) from rows sum_t d_t a_t^T built a sample block at a time."""
+    m, R, T, o = d.shape
+    n = max(1, ROW_BLOCK_BYTES // (2 * R * o * a.shape[2] * 8))
+
+    def rows(sl: slice) -> torch.Tensor:
+        dt = d[sl].transpose(2, 3).reshape(-1, R * o, T)
+        return torch.bmm(dt, a[sl]).reshape(-1, R, o * a.shape[2]).reshape(-1, o * a.shape[2])
+
+    K = torch.empty(m, R, m, R, dtype=torch.float64)
+    for s in range(0, m, n):
+        I = slice(s, min(s + n, m))  # noqa: E741
+        rI = rows(I)
+        for t in range(s, m, n):
+            J = slice(t, min(t + n, m))
+            blk = (rI @ (rI if t == s else rows(J)).T).view(I.stop - I.start, R, -1, R)
+            K[I, :, J, :] = blk
+            K[J, :, I, :] = blk.permute(2, 3, 0, 1)
+    return K
 
 
 #: Bytes of fallback rows computed at once when the Gram is streamed (several parameters
