@@ -380,7 +380,9 @@ def _fallback_rows(
     chunk: int,
 ) -> torch.Tensor:
     """Per-sample rows J_i^T b_ir for the fallback parameters, (m, R, P) float64."""
-    m, _C, R = sqrt.shape
+    m, C, R = sqrt.shape
+    if not isinstance(sqrt, torch.Tensor):  # a lazy factor: dense chunks of n C R doubles
+        chunk = max(1, min(chunk, FALLBACK_GROUP_BYTES // (C * R * 8)))
     names = list(fallback)
     pvals = {k: fallback[k].detach() for k in names}
 
