@@ -57,7 +57,7 @@ from .._validation import (
 )
 from ..coherence import CoherenceStats, _finish, coherence_from_gram
 from ..linalg import lanczos, top_eigenvalue
-from .gram import Forward, GramFactors, eager_modules, gram_factors, sketch
+from .gram import Forward, GramFactors, SketchSink, eager_modules, gram_factors
 from .losses import (
     append_columns,
     check_loss,
@@ -298,7 +298,10 @@ def measure_curvature(
             rows). Peak memory grows with it.
         sketch_dim: k for a randomized Gram :math:`(A\Omega)(A\Omega)^\top` (unbiased for
             K, relative error ~ 1/sqrt(k); see :func:`.gram.sketch`); the gradient Gram
-            stays exact. Only worthwhile when k is far below the parameter count.
+            stays exact. Each layer is projected as soon as its factors exist and have
+            passed the self-check (:class:`.gram.SketchSink`), so the memory is that of the
+            largest layer plus (m, R, k). Only worthwhile when k is far below the parameter
+            count.
         sharpness: ``"both"``, ``"hessian"``, ``"ggn"`` or None.
         tol: relative eigenvalue accuracy of the Hessian Lanczos.
         max_hvps: at most this many Hessian-vector products.
@@ -405,6 +408,10 @@ def measure_curvature(
         grads = output_gradients(loss, out, targets)
         R = Bsq.shape[2]
         ext = append_columns(Bsq, grads.unsqueeze(2))
+        sink = None
+        if sketch_dim is not None:
+            gen_s = torch.Generator().manual_seed(1 if seed is None else seed + 1)
+            sink = SketchSink(m, R, sketch_dim, gen_s)
         facs = gram_factors(
             eager,
             inputs,
@@ -415,13 +422,12 @@ def measure_curvature(
             outputs_check=_check_outputs,
             check=self_check,
             seed=0 if seed is None else seed,
+            accumulate=sketch_dim is None and (m * R <= DENSE_LIMIT or return_gram),
+            sink=sink,
         )
         notes = facs.notes
-        facs_g, facs_p = facs.split(R)
+        facs_g, facs_p = facs.split(R) if sink is None else sink.result()
         del facs
-        if sketch_dim is not None:
-            gen_s = torch.Generator().manual_seed(1 if seed is None else seed + 1)
-            facs_g = sketch(facs_g, sketch_dim, gen_s)
         gram = None
         if m * R <= DENSE_LIMIT or return_gram:
             gram = facs_g.full()
