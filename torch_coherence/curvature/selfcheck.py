@@ -29,12 +29,14 @@ factors. Measured on the digits MLP (64-256-256-10, 85k parameters, m = 256, cro
 R = 11 rows; 1 thread, load 11-12 on 2 cores, ``benchmarks/bench_selfcheck.py``): the check
 took 0.06-0.08 s of a 1.6-2.0 s probe (3.5-4.3%). A block that fails is recomputed through the
 ``torch.func`` fallback and checked again with the same vectors, and a block that still fails
-raises ``RuntimeError`` (never a silently wrong Gram).
+raises ``RuntimeError`` (never a silently wrong Gram). Memory: the V autograd gradients in the
+parameters' dtype, and one block's projections at a time in float64 (V times that layer's
+weight size).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -51,9 +53,12 @@ def check_tolerance(dtype: torch.dtype) -> float:
     return TOL.get(dtype, 1e-3)
 
 
-def _projections(facs: GramFactors, c: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-    """A_b^T c per block label, in each entry's own basis (V, ...) for c (V, m, R)."""
-    out: dict[str, list[torch.Tensor]] = {}
+def _projections(facs: GramFactors, c: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """(block label, A_e^T c) per factor entry e, in the entry's own basis (V, ...), c (V, m, R).
+
+    One entry at a time, so the peak memory is one entry's projection (a layer's weight size
+    times V), not all of them.
+    """
     for g in facs.ghosts:
         W = torch.einsum("jsuo,vjs->vjuo", g.d, c)  # (V, m, T, o)
         V, o = W.shape[0], W.shape[-1]
@@ -64,14 +69,18 @@ def _projections(facs: GramFactors, c: torch.Tensor) -> dict[str, list[torch.Ten
             M.index_add_(1, ids[ok], W.reshape(V, -1, o)[:, ok])
         else:
             M = W.reshape(V, -1, o).transpose(1, 2) @ g.a.reshape(-1, g.a.shape[-1])
-        out.setdefault(g.label, []).append(M.reshape(V, -1))
+        yield g.label, M.reshape(V, -1)
     for rows, label in zip(facs.rows, facs.row_labels, strict=True):
-        out.setdefault(label, []).append(torch.einsum("irp,vir->vp", rows, c))
+        yield label, torch.einsum("irp,vir->vp", rows, c)
+
+
+def _engine_grams(facs: GramFactors, c: torch.Tensor, only: str | None = None) -> dict:
+    """c_v^T K_b c_w (V, V) per block label b from the engine's factors."""
+    out: dict[str, torch.Tensor] = {}
+    for label, z in _projections(facs, c):
+        if only is None or label == only:
+            out[label] = out.get(label, 0) + z @ z.T
     return out
-
-
-def _gram(vectors: list[torch.Tensor]) -> torch.Tensor:
-    return sum(v @ v.T for v in vectors)
 
 
 def _error(auto: torch.Tensor, eng: torch.Tensor, floor: float) -> float:
@@ -111,25 +120,23 @@ def self_check(
     for v in range(vectors):
         u = torch.einsum("rmc,mr->mc", cot_flat, c[v].to(cot.dtype)).reshape(out.shape)
         gs = torch.autograd.grad(out, params, u, retain_graph=True, allow_unused=True)
-        grads.append(
-            [
-                torch.zeros(p.numel(), dtype=torch.float64)
-                if g is None
-                else (g.to_dense() if g.is_sparse else g).reshape(-1).double()
-                for p, g in zip(params, gs, strict=True)
-            ]
-        )
+        grads.append([None if g is None else (g.to_dense() if g.is_sparse else g) for g in gs])
     auto: dict[str, torch.Tensor] = {}
     k = 0
     for lab in labels:
         n = len(blocks[lab])
-        vecs = torch.stack([torch.cat(gr[k : k + n]) for gr in grads])
-        auto[lab] = vecs @ vecs.T
+        auto[lab] = torch.zeros(vectors, vectors, dtype=torch.float64)
+        for i in range(k, k + n):  # one parameter at a time, in float64
+            if grads[0][i] is None:
+                continue
+            vecs = torch.stack([gr[i].reshape(-1).double() for gr in grads])
+            auto[lab] += vecs @ vecs.T
         k += n
+    del grads
     tol = check_tolerance(out.dtype)
-    proj = _projections(facs, c)
     zero = torch.zeros(vectors, vectors, dtype=torch.float64)
-    eng = {lab: _gram(proj[lab]) if lab in proj else zero for lab in labels}
+    grams = _engine_grams(facs, c)
+    eng = {lab: grams.get(lab, zero) for lab in labels}
     floor = 1e-12 * sum(float(a.diagonal().max()) for a in auto.values())
     errors = {lab: _error(auto[lab], eng[lab], floor) for lab in labels}
     for lab, err in list(errors.items()):
@@ -139,7 +146,7 @@ def self_check(
         facs.replace(lab, torch.cat([rows[k] for k in names[lab]], 2))
         facs.notes.rechecked[lab] = err
         facs.notes.fallback[lab] = f"the self-check found its layer rule wrong (error {err:.1e})"
-        errors[lab] = _error(auto[lab], _gram(_projections(facs, c)[lab]), floor)
+        errors[lab] = _error(auto[lab], _engine_grams(facs, c, lab).get(lab, zero), floor)
     facs.notes.check_error = max(errors.values(), default=0.0)
     facs.notes.check_passes = vectors
     worst = max(errors, key=errors.get, default=None)
