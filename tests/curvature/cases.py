@@ -141,6 +141,19 @@ class SDPA(nn.Module):
         return self.head(self.norm(self.proj(a.transpose(1, 2).reshape(x.shape[0], -1, 4))))
 
 
+class CompiledInside(nn.Module):
+    """A model whose submodule was ``torch.compile``d (``self.body = torch.compile(body)``)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        body = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 6))
+        self.body = torch.compile(body, backend="aot_eager")
+        self.out = nn.Linear(6, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.body(x)))
+
+
 class Bare(nn.Module):
     """A bare parameter used directly, a frozen Linear and a LayerNorm."""
 
@@ -216,6 +229,7 @@ CASES: dict[str, Case] = {
     "sdpa_causal": Case(SDPA, _float(4, 3)),
     "bare_frozen": Case(Bare, _float(4)),
     "norms": Case(Norms, _float(4)),
+    "compiled_submodule": Case(CompiledInside, _float(4)),
     "compiled": Case(
         lambda c: _seq(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, c)), _float(4), compiled=True
     ),
@@ -246,6 +260,8 @@ def make_problem(
                 model(x * 2 + 0.5 if x.is_floating_point() else x)
     model.eval()
     ref = copy.deepcopy(model).double()
+    if isinstance(getattr(ref, "body", None), torch._dynamo.eval_frame.OptimizedModule):
+        ref.body = ref.body._orig_mod  # the reference runs eagerly
     model = model.to(dtype)
     if x.is_floating_point():
         x = x.to(dtype)

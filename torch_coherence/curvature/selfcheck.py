@@ -29,7 +29,11 @@ factors. Measured on the digits MLP (64-256-256-10, 85k parameters, m = 256, cro
 R = 11 rows; 1 thread, load 11-12 on 2 cores, ``benchmarks/bench_selfcheck.py``): the check
 took 0.06-0.08 s of a 1.6-2.0 s probe (3.5-4.3%). A block that fails is recomputed through the
 ``torch.func`` fallback and checked again with the same vectors, and a block that still fails
-raises ``RuntimeError`` (never a silently wrong Gram).
+raises ``RuntimeError`` (never a silently wrong Gram). Memory: the V autograd gradients in the
+parameters' dtype, then one V x V Gram per parameter. Each block is checked while its factors
+exist (:class:`SelfCheck`), before a streamed Gram sums it into a dense K or a sketch projects
+it, so streaming and sketching never skip the check; the sketch itself is the one approximate
+step after it.
 """
 
 from __future__ import annotations
@@ -111,22 +115,19 @@ class SelfCheck:
         self.c = torch.randn(vectors, m, R, generator=gen, dtype=torch.float64)
         names = list(params)
         tensors = [params[k] for k in names]
-        grams = {k: torch.zeros(vectors, vectors, dtype=torch.float64) for k in names}
-        flat: list[list[torch.Tensor]] = []
+        grads = []  # V gradients in the parameters' own dtype
         for v in range(vectors):
             u = _combine(sqrt, self.c[v], out)
             gs = torch.autograd.grad(out, tensors, u, retain_graph=True, allow_unused=True)
-            flat.append(
-                [
-                    torch.zeros(p.numel(), dtype=torch.float64)
-                    if g is None
-                    else (g.to_dense() if g.is_sparse else g).reshape(-1).double()
-                    for p, g in zip(tensors, gs, strict=True)
-                ]
-            )
-        for j, k in enumerate(names):
-            vecs = torch.stack([row[j] for row in flat])
+            grads.append([None if g is None else (g.to_dense() if g.is_sparse else g) for g in gs])
+        grams = {}
+        for j, k in enumerate(names):  # one parameter at a time in float64
+            if grads[0][j] is None:
+                grams[k] = torch.zeros(vectors, vectors, dtype=torch.float64)
+                continue
+            vecs = torch.stack([gr[j].reshape(-1).double() for gr in grads])
             grams[k] = vecs @ vecs.T
+        del grads
         self.auto = grams
         self.vectors = vectors
         self.tol = check_tolerance(out.dtype)
