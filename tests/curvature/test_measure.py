@@ -217,3 +217,15 @@ def test_mc_factors_unbiased_for_the_gram_but_not_for_sigma(gen):
     ]
     mean_max = sum(s.max_sample_sharpness for s in sig) / len(sig)
     assert mean_max > exact.stats.max_sample_sharpness  # sampled labels inflate the maximum
+
+
+@pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(), nn.CrossEntropyLoss(label_smoothing=0.1)])
+def test_mean_gradient_sq_norm_is_the_mean_loss_gradient(gen, loss):
+    """|g_m|^2 = 1^T P 1 / m^2 against one autograd backward pass of the mean probe loss."""
+    torch.manual_seed(2)
+    model = mlp().double()
+    x, y = _data(gen)
+    rep = measure_curvature(model, x, y, loss, sharpness=None)
+    grads = torch.autograd.grad(loss(model(x), y), list(model.parameters()))
+    ref = float(sum(g.square().sum() for g in grads))
+    assert rep.mean_gradient_sq_norm == pytest.approx(ref, rel=1e-10)

@@ -95,6 +95,8 @@ class CurvatureReport:
         hvp_count: Hessian-vector products used (0 without Hessian sharpness).
         hessian_residual: Lanczos residual of the Hessian sharpness (nan if not computed).
         gradient_noise_scale: :math:`B_{simple}` (see module docstring).
+        mean_gradient_sq_norm: :math:`|\bar g|^2 = \mathbf 1^\top P \mathbf 1 / m^2`, the
+            squared norm of the gradient of the probe's mean loss (SAM's normaliser uses it).
         num_samples: m.
         num_params: number of parameters measured.
         seconds: wall time.
@@ -134,6 +136,7 @@ class CurvatureReport:
     clipped_eigenvalue: float
     gram: torch.Tensor | None
     truncation_bound: float = 0.0
+    mean_gradient_sq_norm: float = math.nan
     fallback_blocks: dict[str, str] = field(default_factory=dict)
     rechecked_blocks: dict[str, float] = field(default_factory=dict)
     self_check_error: float = math.nan
@@ -230,15 +233,18 @@ def _sigma_full(stats: CoherenceStats, n: int) -> float:
     return float(lam / stats.max_sample_sharpness)
 
 
-def _noise_scale(facs_p: GramFactors, chunk: int) -> float:
-    """B_simple from the gradient factors without forming P: sum(P) = 1^T P 1, tr P."""
+def _noise_scale(facs_p: GramFactors, chunk: int) -> tuple[float, float]:
+    """(B_simple, |g_m|^2) from the gradient factors without forming P: 1^T P 1 and tr P.
+
+    |g_m|^2 = 1^T P 1 / m^2 is the squared norm of the probe's mean-loss gradient.
+    """
     m = facs_p.m
     ones = torch.ones(m, dtype=torch.float64)
     total = float(ones @ facs_p.matvec(ones))
     tr = float(facs_p.diag_blocks(chunk).sum())
     g2 = (total - tr) / (m * (m - 1))
     trace_sigma = (tr - total / m) / (m - 1)
-    return trace_sigma / g2 if g2 > 0 else math.inf
+    return (trace_sigma / g2 if g2 > 0 else math.inf), total / (m * m)
 
 
 def measure_curvature(
@@ -439,7 +445,7 @@ def measure_curvature(
         else:
             chunk = chunk_size if chunk_size is not None else max(1, BLOCK_ROWS // R)
             stats, ggn = _stats_large(facs_g, chunk, eig_method, 1e-10, seed)
-        noise = _noise_scale(facs_p, chunk_size or BLOCK_ROWS)
+        noise, grad_sq = _noise_scale(facs_p, chunk_size or BLOCK_ROWS)
         hess = None
         vec = None
         hvps = 0
@@ -465,6 +471,7 @@ def measure_curvature(
         hvp_count=hvps,
         hessian_residual=resid,
         gradient_noise_scale=noise,
+        mean_gradient_sq_norm=grad_sq,
         num_samples=m,
         num_params=sum(p.numel() for p in sel.values()),
         seconds=time.perf_counter() - t0,
