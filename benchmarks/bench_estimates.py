@@ -5,6 +5,9 @@ Setups (all trained for real with SGD before measuring, float32 models):
 * ``mlp_ce``: digits MLP 64-256-256-10, cross-entropy, 300 SGD steps (B = 32, lr 0.1), n = 1797.
 * ``mlp_ce_long``: the same MLP after 2000 steps (99.4% training accuracy): less aligned, a
   heavier tail of per-sample curvature (the hard case for a uniform probe).
+* ``demo_mlp``: the demo's 64-64-10 ReLU MLP, CE, 342 SGD steps (6 epochs of B = 32 at
+  lr 0.05, as ``torch-coherence demo`` trains it), n = 1797; ``demo_mlp_300ep`` after 17100
+  steps (300 epochs; 100% training accuracy, the least aligned of all).
 * ``cnn_ce``: digits CNN 1x8x8 -> conv8 -> pool -> conv16 -> pool -> linear10, CE, 300 steps
   (B = 32, lr 0.1), n = 1797.
 * ``mse_teacher``: 20-64-64-1 tanh MLP on a random 20-32-1 tanh teacher plus noise, MSE,
@@ -22,10 +25,14 @@ Parts:
     cross-checked with scipy ``eigsh`` on the same products).
 (g) sigma: the exact sigma_n (``exact_sigma``: the streaming engine on all n), then for probes
     of m = 64 / 256 (``--draws`` draws) every estimator of ``estimate_sigma``.
-(e) edge of stability: full-batch GD on ``mse_teacher`` at eta = 0.3 ... logged probe sharpness
-    (m = 64) against the true full-batch value.
+(e) edge of stability: full-batch GD from the untrained ``mse_teacher`` student at eta = 0.3
+    (2/eta = 6.67; its sharpness starts at 5.1 and GD sharpens it to 2/eta): the probe's
+    Hessian sharpness (m = 64) against the true full-batch value, and dataset_sharpness.
 
-Run:  OMP_NUM_THREADS=1 python benchmarks/bench_estimates.py [--parts sge] [--draws 5]
+(t) cost: exact_sigma on the first 250 / 500 / 1000 digits against estimate_sigma and
+    dataset_sharpness on all 1797 (mlp_ce, cnn_ce).
+
+Run:  OMP_NUM_THREADS=1 python benchmarks/bench_estimates.py [--parts sget] [--draws 5]
 The exact sigma_n and S_n are cached in ``--cache`` (default /tmp/tc_estimates_cache).
 """
 
@@ -83,6 +90,12 @@ def setup(name: str):
         loss = nn.CrossEntropyLoss()
         steps = 300 if name == "mlp_ce" else 2000
         return _sgd(model, loss, X, Y, steps, 0.1, 32, 0), loss, X, Y
+    if name in ("demo_mlp", "demo_mlp_300ep"):
+        X, Y = _digits()
+        model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+        loss = nn.CrossEntropyLoss()
+        steps = 342 if name == "demo_mlp" else 17100
+        return _sgd(model, loss, X, Y, steps, 0.05, 32, 0), loss, X, Y
     if name == "cnn_ce":
         X, Y = _digits()
         X = X.view(-1, 1, 8, 8)
@@ -119,7 +132,16 @@ def setup(name: str):
     raise ValueError(f"unknown setup {name!r}")
 
 
-SIGMA_SETUPS = ("mlp_ce", "cnn_ce", "mse_teacher", "bce_mlp", "mlp_ce_long", "mse_8000")
+SIGMA_SETUPS = (
+    "mlp_ce",
+    "cnn_ce",
+    "mse_teacher",
+    "bce_mlp",
+    "mlp_ce_long",
+    "mse_8000",
+    "demo_mlp",
+    "demo_mlp_300ep",
+)
 SHARP_SETUPS = ("mlp_ce", "cnn_ce", "mse_teacher", "mse_8000")
 
 
@@ -323,7 +345,11 @@ def part_eos(eta: float, steps: int, every: int) -> None:
         f"\n(e) edge of stability: full-batch GD on mse_teacher (n = 2000), eta = {eta}, "
         f"2/eta = {2 / eta:.3f}; Hessian sharpness every {every} steps"
     )
-    model, loss, X, Y = setup("mse_teacher")
+    _, loss, X, Y = setup("mse_teacher")
+    torch.manual_seed(0)  # the untrained student: GD sharpens it up to 2/eta
+    model = nn.Sequential(
+        nn.Linear(20, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)
+    )
     opt = torch.optim.SGD(model.parameters(), lr=eta)
     vec = None
     print(
@@ -347,7 +373,8 @@ def part_eos(eta: float, steps: int, every: int) -> None:
             idx = torch.randperm(2000, generator=torch.Generator().manual_seed(step))[:64]
             probe = measure_curvature(model, X[idx], Y[idx], loss, sharpness="hessian")
             ds = dataset_sharpness(model, loss, (X, Y), kind="hessian", init_vector=vec)
-            lval = float(loss(model(X), Y))
+            with torch.no_grad():
+                lval = float(loss(model(X), Y))
             r = probe.hessian_sharpness / full.value
             if full.value > 0.9 * 2 / eta:
                 ratios.append(r)
@@ -367,9 +394,36 @@ def part_eos(eta: float, steps: int, every: int) -> None:
         )
 
 
+# ------------------------------------------------------------------------ (t) timing
+def part_timing() -> None:
+    """exact_sigma on subsets of n against estimate_sigma and dataset_sharpness on all n."""
+    from torch_coherence.curvature import estimate_sigma, exact_sigma
+
+    print("\n(t) cost: exact_sigma on the first n digits vs estimates on all n = 1797")
+    for name in ("mlp_ce", "cnn_ce"):
+        model, loss, X, Y = setup(name)
+        for n in (250, 500, 1000):
+            t = time.perf_counter()
+            exact_sigma(model, loss, (X[:n], Y[:n]))
+            dt = time.perf_counter() - t
+            print(f"{name} exact_sigma n={n}: {dt:.2f} s (load {os.getloadavg()[0]:.1f})")
+        for m in (64, 256):
+            t = time.perf_counter()
+            estimate_sigma(model, loss, (X, Y), m=m)
+            dt = time.perf_counter() - t
+            print(f"{name} estimate_sigma n=1797 m={m}: {dt:.2f} s (load {os.getloadavg()[0]:.1f})")
+        t = time.perf_counter()
+        r = dataset_sharpness(model, loss, (X, Y))
+        dt = time.perf_counter() - t
+        print(
+            f"{name} dataset_sharpness ggn n=1797: {dt:.2f} s, {r.iterations} products "
+            f"(load {os.getloadavg()[0]:.1f})"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parts", default="sge")
+    ap.add_argument("--parts", default="sget")
     ap.add_argument("--draws", type=int, default=5)
     ap.add_argument("--cache", type=Path, default=Path("/tmp/tc_estimates_cache"))
     ap.add_argument("--setups", default=None, help="comma-separated subset")
@@ -388,6 +442,8 @@ def main() -> None:
         part_sigma([s for s in SIGMA_SETUPS if pick is None or s in pick], args.draws, args.cache)
     if "e" in args.parts:
         part_eos(args.eta, args.eos_steps, 20)
+    if "t" in args.parts:
+        part_timing()
     print(f"\nload at the end {os.getloadavg()[0]:.2f}")
 
 

@@ -28,12 +28,15 @@ def main(epochs: int = 5, lr: float = 0.05, batch_size: int = 32) -> None:
     monitor = CoherenceMonitor(
         model, loss_fn, data, writer=writer, every_n_steps=25, probe_size=256
     )
+    monitor.start(opt, batch_size=batch_size)  # the pre-flight probe, before the first step
     for epoch in range(epochs):
         for xb, yb in loader:
             opt.zero_grad()
-            loss_fn(model(xb), yb).backward()
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
             opt.step()
-            result = monitor.step(opt, batch_size=xb.shape[0])
+            # the loss feeds the per-step guard (a non-finite or jumping loss probes at once)
+            result = monitor.step(opt, batch_size=xb.shape[0], loss=loss)
             if result is not None and result.report is not None:
                 r = result.report
                 print(

@@ -169,6 +169,16 @@ def test_blowup_lr_brackets_the_gd_threshold() -> None:
     assert res2.predicted and res2.blowup_lr == pytest.approx(1.2 * lr_gd)
 
 
+def test_blowup_lr_brackets_from_below_when_the_current_lr_blows_up() -> None:
+    model, (x, y), lr_gd = _quadratic()
+    opt = torch.optim.SGD(model.parameters(), lr=3 * lr_gd)
+    res = lookahead(model, opt, nn.MSELoss(), [(x, y)] * 60, multiples=(1.0,), refine=9)
+    assert res.blew_up == (True,) and res.predicted
+    assert lr_gd < res.blowup_lr < 1.05 * lr_gd  # halved to 1.5, 0.75 x lr_gd, then bisected
+    unrefined = lookahead(model, opt, nn.MSELoss(), [(x, y)] * 60, multiples=(1.0,))
+    assert unrefined.blowup_lr == pytest.approx(3 * lr_gd)
+
+
 def test_zero_lr_is_never_a_blowup() -> None:
     model, (x, y), _ = _quadratic()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)

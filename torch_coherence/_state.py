@@ -36,6 +36,8 @@ def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """``True`` when ``a`` and ``b`` hold the same bits (``-0.0 != 0.0``, ``NaN == NaN``)."""
     if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device:
         return False
+    if a.is_meta:  # no data to compare or restore
+        return True
     if a.is_complex():
         a, b = torch.view_as_real(a), torch.view_as_real(b)
     if a.is_floating_point():
@@ -110,36 +112,63 @@ def _take_snapshot(model: nn.Module) -> _Snapshot:
     )
 
 
-def _restore(snap: _Snapshot) -> None:
+def _restore(snap: _Snapshot) -> list[str]:
+    """Put everything back; returns what could not be restored (empty: everything was).
+
+    Modes, grad mode and RNG states come first (they cannot fail); every tensor is restored
+    on its own, so one that fails (e.g. a device without kernels) does not stop the others.
+    """
+    for module, flag in snap.training:
+        module.training = flag
+    torch.set_grad_enabled(snap.grad_enabled)
+    failures: list[str] = []
+    for step in (_restore_rng, _restore_slots):
+        try:
+            step(snap)
+        except Exception as exc:  # restoration goes on; reported below
+            failures.append(f"{step.__name__[9:]}: {type(exc).__name__}: {exc}")
+    for rec in snap.records:
+        try:
+            _restore_record(rec)
+        except Exception as exc:  # the other tensors are still restored
+            failures.append(
+                f"tensor of shape {tuple(rec.tensor.shape)}: {type(exc).__name__}: {exc}"
+            )
+    return failures
+
+
+def _restore_rng(snap: _Snapshot) -> None:
+    torch.set_rng_state(snap.torch_rng)
+    if snap.cuda_rng is not None:
+        torch.cuda.set_rng_state_all(snap.cuda_rng)
+    np.random.set_state(snap.numpy_rng)  # noqa: NPY002
+    random.setstate(snap.python_rng)
+
+
+def _restore_slots(snap: _Snapshot) -> None:
     for live, original in snap.slots:
         for name in [k for k in live if k not in original]:
             del live[name]
         for name, t in original.items():
             if name not in live or live[name] is not t:
                 live[name] = t
-    for rec in snap.records:
-        t = rec.tensor
-        if t.data_ptr() != rec.storage.data_ptr() or t.shape != rec.storage.shape:
-            t.data = rec.storage  # ``.data`` was rebound: back to the original storage
-        _restore_values(t, rec.values)
-        if t.is_leaf and t.requires_grad != rec.requires_grad:
-            t.requires_grad_(rec.requires_grad)
-        if not isinstance(t, nn.Parameter):
-            continue
-        if rec.grad is None:
-            t.grad = None
-            continue
-        if t.grad is not rec.grad:
-            t.grad = rec.grad
-        _restore_values(rec.grad, rec.grad_values)
-    for module, flag in snap.training:
-        module.training = flag
-    torch.set_grad_enabled(snap.grad_enabled)
-    torch.set_rng_state(snap.torch_rng)
-    if snap.cuda_rng is not None:
-        torch.cuda.set_rng_state_all(snap.cuda_rng)
-    np.random.set_state(snap.numpy_rng)  # noqa: NPY002
-    random.setstate(snap.python_rng)
+
+
+def _restore_record(rec: _TensorRecord) -> None:
+    t = rec.tensor
+    if t.data_ptr() != rec.storage.data_ptr() or t.shape != rec.storage.shape:
+        t.data = rec.storage  # ``.data`` was rebound: back to the original storage
+    _restore_values(t, rec.values)
+    if t.is_leaf and t.requires_grad != rec.requires_grad:
+        t.requires_grad_(rec.requires_grad)
+    if not isinstance(t, nn.Parameter):
+        return
+    if rec.grad is None:
+        t.grad = None
+        return
+    if t.grad is not rec.grad:
+        t.grad = rec.grad
+    _restore_values(rec.grad, rec.grad_values)
 
 
 @contextlib.contextmanager
@@ -176,5 +205,11 @@ def preserved_state(model: nn.Module, *, probe_mode: bool = True) -> Iterator[nn
         if probe_mode:
             model.eval()
         yield model
-    finally:
-        _restore(snap)
+    except BaseException as exc:
+        failures = _restore(snap)
+        if failures:  # the block's own error stays the one raised
+            exc.add_note("preserved_state could not restore: " + "; ".join(failures))
+        raise
+    failures = _restore(snap)
+    if failures:
+        raise RuntimeError("preserved_state could not restore: " + "; ".join(failures))

@@ -2,9 +2,12 @@
 
 Trains a small MLP on scikit-learn's bundled digits (n = 1797, no download) with plain SGD
 and :class:`~torch_coherence.callbacks.CoherenceCallback`, first at a stable learning rate,
-then, from the weights it reached, at a multiple of the critical learning rate the probe
-reported. Both runs log to TensorBoard under ``--out``; the demo prints a table of the
-numbers and the warnings and saves the curves as a PNG.
+then, from the weights it reached, at a multiple of the blow-up learning rate the probe's
+lookahead reported (``stability/blowup_lr``; the linear theory's critical learning rate when
+the lookahead found none). Both runs log to TensorBoard under ``--out``; the demo prints a
+table of the numbers, the warnings by category, and what the second run then really did
+(blew up, or spiked and recovered, with the step and the loss), judged by the rule of
+``benchmarks/bench_warnings.py``: the training loss non-finite or above 10x its first value.
 """
 
 from __future__ import annotations
@@ -65,9 +68,51 @@ def _module(lr: float, batch_size: int, data: Any) -> Any:
     return DigitsMLP()
 
 
+#: A run blew up when its training loss is non-finite or above this multiple of its first
+#: value (the rule of ``benchmarks/bench_warnings.py``).
+BLOWUP_FACTOR = 10.0
+
+
+def _loss_trace() -> Any:
+    import pytorch_lightning as pl
+
+    class LossTrace(pl.Callback):
+        """The training loss of every optimizer step, as the loop computed it."""
+
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, *_: Any) -> None:
+            loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+            self.losses.append(float(loss))
+
+    return LossTrace()
+
+
+def what_happened(losses: list[float], factor: float = BLOWUP_FACTOR) -> str:
+    """One sentence: did the run blow up (step, loss), spike and recover, or train calmly?"""
+    if not losses:
+        return "no optimizer step was taken"
+    first = losses[0]
+    for step, loss in enumerate(losses, start=1):
+        if not math.isfinite(loss) or loss > factor * first:
+            return (
+                f"training blew up at optimizer step {step}: loss {loss:.3g} against "
+                f"{first:.3g} at the first step (non-finite or above {factor:g}x)"
+            )
+    peak = max(range(len(losses)), key=losses.__getitem__)
+    ratio, last = losses[peak] / first if first > 0 else math.inf, losses[-1]
+    if ratio > 2 and last < losses[peak] / 2:
+        return (
+            f"no blow-up: the loss spiked to {ratio:.2g}x its first value at step {peak + 1} "
+            f"and recovered to {last:.3g}"
+        )
+    return f"no blow-up: the loss went from {first:.3g} to {last:.3g} (peak {ratio:.2g}x)"
+
+
 def _fit(
     name: str, module: Any, args: argparse.Namespace, progress: bool
-) -> tuple[Any, list[str], float, Any]:
+) -> tuple[Any, list[tuple[str, str]], float, Any, list[float]]:
     import pytorch_lightning as pl
     from pytorch_lightning.loggers import TensorBoardLogger
 
@@ -87,7 +132,7 @@ def _fit(
         devices=1,
         max_epochs=args.epochs,
         logger=logger,
-        callbacks=[cb],
+        callbacks=[cb, trace := _loss_trace()],
         enable_checkpointing=False,
         enable_model_summary=False,
         enable_progress_bar=progress,
@@ -101,36 +146,36 @@ def _fit(
     messages = []
     for w in caught:
         if issubclass(w.category, CoherenceWarning):
-            messages.append(str(w.message))
+            messages.append((w.category.__name__, str(w.message)))
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
-    return cb, messages, seconds, trainer
+    return cb, messages, seconds, trainer, trace.losses
 
 
-def _row(name: str, cb: Any, trainer: Any) -> dict[str, Any]:
-    last = next(h for h in reversed(cb.history) if "stability/margin" in h)
+def _row(name: str, cb: Any, trainer: Any, first: bool = False) -> dict[str, Any]:
+    probes = [h for h in cb.history if "stability/margin" in h]
+    if not probes:
+        return {"run": name}
+    h = probes[0] if first else probes[-1]
     metrics = trainer.callback_metrics
     return {
         "run": name,
-        "lr": last["lr"],
-        "B": last["batch_size"],
-        "sigma": last["coherence/sigma"],
-        "sharpness": last["sharpness/ggn"],
-        "T1 threshold": last["stability/theorem1_threshold"],
-        "margin": last["stability/margin"],
-        "critical lr": last["stability/critical_lr"],
-        "critical B": last["stability/critical_batch_size"],
-        "gamma": last.get("stability/lyapunov", math.nan),
-        "typical crit lr": last.get("stability/typical_critical_lr", math.nan),
-        "max margin": max(h.get("stability/margin", 0.0) for h in cb.history),
-        "train loss": float(metrics.get("train/loss_epoch", math.nan)),
-        "train acc": float(metrics.get("train/acc_epoch", math.nan)),
+        "probe at step": h["step"],
+        "lr": h["lr"],
+        "B": h["batch_size"],
+        "sigma (n)": f"{h['coherence/sigma']:.4g} ({h.get('coherence/sigma_n', math.nan):.0f})",
+        "sharpness": h["sharpness/ggn"],
+        "T1 critical lr": h["stability/critical_lr"],
+        "typical crit lr": h.get("stability/typical_critical_lr", math.nan),
+        "blow-up lr": h.get("stability/blowup_lr", math.nan),
+        "train loss (end)": float(metrics.get("train/loss_epoch", math.nan)),
+        "train acc (end)": float(metrics.get("train/acc_epoch", math.nan)),
     }
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    keys = list(rows[0])
-    cells = [[k] + [_cell(r[k]) for r in rows] for k in keys]
+    keys = list(max(rows, key=len))
+    cells = [[k] + [_cell(r.get(k, "-")) for r in rows] for k in keys]
     width = [max(len(c) for c in col) for col in zip(*cells, strict=True)]
     for line in cells:
         pairs = enumerate(zip(line, width, strict=True))
@@ -165,21 +210,28 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"torch-coherence demo: digits MLP (n = {n}), SGD, batch size {args.batch_size}")
     print(f"[1/2] stable learning rate {args.lr:g}, {args.epochs} epochs")
     stable = _module(args.lr, args.batch_size, data)
-    cb1, msgs1, s1, tr1 = _fit(f"stable_lr{args.lr:g}", stable, args, progress)
-    crit = cb1.probe.last_report.critical_lr
-    lr2 = args.factor * crit
-    print(f"\nthe probe's critical learning rate at batch size {args.batch_size}: {crit:.4g}")
-    print(f"[2/2] {args.factor:g} x critical = learning rate {lr2:.4g}, from the weights of [1/2]")
+    cb1, msgs1, s1, tr1, loss1 = _fit(f"stable_lr{args.lr:g}", stable, args, progress)
+    last = cb1.history[-1]
+    blowup = float(last.get("stability/blowup_lr", math.inf))
+    base, what = blowup, "blow-up"
+    if not math.isfinite(blowup):  # the lookahead saw no blow-up up to its largest multiple
+        base, what = cb1.probe.last_report.critical_lr, "Theorem 1 critical"
+    lr2 = args.factor * base
+    print(f"\nthe last probe's {what} learning rate at batch size {args.batch_size}: {base:.4g}")
+    print(f"[2/2] {args.factor:g} x that = learning rate {lr2:.4g}, from the weights of [1/2]")
     unstable = _module(lr2, args.batch_size, data)
     unstable.load_state_dict(stable.state_dict())
-    cb2, msgs2, s2, tr2 = _fit(f"unstable_lr{lr2:.3g}", unstable, args, progress)
+    cb2, msgs2, s2, tr2, loss2 = _fit(f"unstable_lr{lr2:.3g}", unstable, args, progress)
 
     m = min(args.probe_size, n)
-    print(f"\nSummary (last probe of each run; n = {n}, probe of {m} examples):")
-    _print_table([_row("stable", cb1, tr1), _row("above critical", cb2, tr2)])
-    print(f"\nwarnings: {len(msgs1)} in the stable run, {len(msgs2)} in the run above critical")
-    for m in msgs1 + msgs2:
-        print(f"  - {m}")
+    print(f"\nSummary (n = {n}, probe of {m} examples; run 2 at its pre-flight probe):")
+    _print_table([_row("stable", cb1, tr1), _row(f"{args.factor:g}x {what}", cb2, tr2, True)])
+    for label, msgs in (("the stable run", msgs1), ("the second run", msgs2)):
+        kinds = sorted({k for k, _ in msgs})
+        counts = ", ".join(f"{sum(k == c for k, _ in msgs)} {c}" for c in kinds) or "none"
+        print(f"\nwarnings in {label}: {counts}")
+        for kind, text in msgs:
+            print(f"  - [{kind}] {text}")
     offset = cb1.history[-1]["step"]
     history = cb1.history + [{**h, "step": h["step"] + offset} for h in cb2.history]
     png = save_curves(
@@ -187,12 +239,12 @@ def run_demo(args: argparse.Namespace) -> int:
         args.out / "demo" / "coherence_curves.png",
         title=f"digits MLP: lr {args.lr:g} then {lr2:.3g} (from step {offset})",
     )
-    first, last = cb2.history[0], cb2.history[-1]
+    predicted = any(kind == "BlowupWarning" for kind, _ in msgs2)
+    print(f"\nwhat really happened: the stable run: {what_happened(loss1)}.")
     print(
-        f"\nabove critical, the sharpness went from {first['sharpness/ggn']:.3g} to "
-        f"{last['sharpness/ggn']:.3g}: the theory predicts mean-square divergence of the "
-        "dynamics linearized at the current weights; a network can leave those weights for "
-        "flatter ones instead of blowing up, and the probe then reports the new margin."
+        f"the second run: {what_happened(loss2)}; the probe "
+        + ("predicted a blow-up (BlowupWarning)" if predicted else "predicted no blow-up")
+        + "."
     )
     print(f"\ncurves saved to {png}")
     print(f"fit times: {s1:.1f} s and {s2:.1f} s; total {time.perf_counter() - t0:.1f} s")
@@ -207,13 +259,14 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
         help="train a digits MLP at a stable and an unstable learning rate with the callback",
         description=(
             "Train a 64-64-10 MLP on the bundled digits data with SGD and CoherenceCallback, "
-            "first at a stable learning rate, then at a multiple of the critical one; log to "
-            "TensorBoard, print a summary and save the curves."
+            "first at a stable learning rate, then at a multiple of the blow-up learning rate "
+            "the probe's lookahead found; log to TensorBoard, print a summary, the warnings "
+            "and what the second run really did, and save the curves."
         ),
     )
     p.add_argument("--out", default="runs", help="TensorBoard log directory (default ./runs)")
     p.add_argument("--lr", type=float, default=0.05, help="the stable learning rate")
-    p.add_argument("--factor", type=float, default=2.0, help="second run: factor x critical lr")
+    p.add_argument("--factor", type=float, default=2.0, help="second run: factor x the blow-up lr")
     p.add_argument("--batch-size", type=int, default=32, help="batch size")
     p.add_argument("--epochs", type=int, default=6, help="epochs per run")
     p.add_argument("--every", type=int, default=15, help="probe every N optimizer steps")

@@ -20,9 +20,11 @@ non-finite or above ``blowup_factor * loss_start``, with
 (the mean loss over the lookahead batches at the starting and at the final weights, in the
 model's own train/eval mode). A short run stops at its first blown-up step.
 
-``blowup_lr`` is the smallest tested ``c * lr`` that blew up (``inf`` when none did); with
-``refine > 0`` the bracket between the largest stable and the smallest unstable multiple
-is bisected geometrically that many more times. ``LookaheadResult.predicted`` is the
+``blowup_lr`` is the smallest tested ``c * lr`` that blew up (``inf`` when none did). With
+``refine > 0`` up to ``refine`` more short runs sharpen it: when even the smallest multiple
+blew up, the multiple is halved until a short run is stable (bracketing from below), then the
+bracket between the largest stable and the smallest unstable multiple is bisected
+geometrically with the remaining runs. ``LookaheadResult.predicted`` is the
 blow-up prediction: the run at ``PREDICTION_MULTIPLE * lr`` (by default the current lr)
 blew up, i.e. ``blowup_lr <= PREDICTION_MULTIPLE * lr``. How often this is right on real
 training runs is measured by ``benchmarks/bench_warnings.py`` (``docs/warnings.md``).
@@ -320,8 +322,9 @@ def lookahead(
         blowup_factor: a short run blew up when a loss exceeds this times ``loss_start``
             or is not finite (> 1).
         forward_fn: ``forward_fn(model, inputs) -> outputs`` instead of ``model(inputs)``.
-        refine: extra short runs bisecting (geometrically) between the largest stable and
-            the smallest unstable multiple to sharpen ``blowup_lr``.
+        refine: at most this many extra short runs to sharpen ``blowup_lr``: halving below
+            the smallest multiple when it blew up, then geometric bisection of the bracket
+            (no extra run when nothing blew up).
 
     Returns:
         A frozen :class:`LookaheadResult`.
@@ -367,7 +370,14 @@ def lookahead(
         blowup = min(unstable) if unstable else math.inf
         stable = [c for c, b in zip(mults, blown, strict=True) if not b and c < blowup]
         lo = max(stable) if stable else None
-        for _ in range(refine if lo is not None and unstable else 0):
+        budget = refine if unstable else 0
+        while budget > 0 and lo is None:  # even the smallest multiple blew up: halve
+            budget -= 1
+            if run(blowup / 2)[1] is None:
+                lo = blowup / 2
+            else:
+                blowup /= 2
+        for _ in range(budget if lo is not None else 0):
             mid = math.sqrt(lo * blowup)
             if run(mid)[1] is None:
                 lo = mid

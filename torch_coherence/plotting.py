@@ -15,21 +15,27 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .theory import StabilityReport
+from .theory import StabilityReport, critical_lr, theorem2_bound
 
 __all__ = ["curves_figure", "figure_to_array", "phase_plane_figure", "save_curves"]
 
 
 def _boundaries(report: StabilityReport, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Critical learning rate (GD and Theorem 1) and the Theorem 2 curve over batch sizes."""
+    """The critical learning rate and the Theorem 2 curve over batch sizes, from the theory.
+
+    The solid curve is :func:`torch_coherence.theory.critical_lr` at each batch size with the
+    report's momentum, SAM radius, normaliser and lambda_min (GD condition and Theorem 1,
+    or Theorem C.8 with SAM): at B = ``report.batch_size`` it is ``report.critical_lr``.
+    The dashed curve is the learning rate at which the sharpness meets the Theorem 2 bound
+    (the bound scales as 1 / eta, so eta_2 = theorem2_bound(sigma, 1, B, n) / lambda_1),
+    capped by the same full-batch limit.
+    """
     lam, sigma, n = report.sharpness, report.sigma, report.n
-    beta = report.momentum
-    gd = 2.0 * (1.0 + beta) / lam
-    r = np.maximum(n / batch - 1.0, 0.0)
-    with np.errstate(divide="ignore"):
-        t1 = np.where(r > 0, sigma / (lam * np.sqrt(r)), np.inf)
-    crit = np.minimum(gd, t1)
-    t2 = np.minimum(gd, 2.0 * sigma / (lam * (sigma + r)))
+    kw = dict(momentum=report.momentum, sam_rho=report.sam_rho, sam_alpha=report.sam_alpha,
+              lambda_min=report.lambda_min)  # fmt: skip
+    crit = np.array([critical_lr(lam, sigma, float(b), n, **kw) for b in batch])
+    gd = critical_lr(lam, sigma, float(n), n, **kw)  # B = n: the full-batch limit alone
+    t2 = np.array([min(gd, theorem2_bound(sigma, 1.0, float(b), n) / lam) for b in batch])
     return crit, t2
 
 
@@ -37,8 +43,10 @@ def phase_plane_figure(history: Sequence[dict[str, Any]], report: StabilityRepor
     """The (batch size, learning rate) plane with the divergence boundary of ``report``.
 
     The solid curve is the learning rate above which the linearized dynamics provably
-    diverge in mean square (GD condition and Theorem 1 of paper 000, for the current
-    sharpness, sigma and n); the dashed curve is the Theorem 2 bound. The trajectory holds
+    diverge in mean square (:func:`torch_coherence.critical_lr`: GD condition and Theorem 1
+    of paper 000, Theorem C.8 of paper 002 with SAM, the report's momentum; for the current
+    sharpness, sigma and n), so at the current batch size it passes through
+    ``report.critical_lr``; the dashed curve is the Theorem 2 bound. The trajectory holds
     the (B, eta) of every past probe, the crosses the critical learning rate at each.
 
     Args:
@@ -49,7 +57,7 @@ def phase_plane_figure(history: Sequence[dict[str, Any]], report: StabilityRepor
     fig = Figure(figsize=(5.5, 4.2), dpi=90)
     ax = fig.add_subplot(1, 1, 1)
     if report.sharpness > 0:
-        batch = np.geomspace(1.0, float(report.n), 200)
+        batch = np.unique(np.append(np.geomspace(1.0, float(report.n), 200), report.batch_size))
         crit, t2 = _boundaries(report, batch)
         ax.plot(batch, crit, "C3-", label="divergence (Thm 1 / GD)")
         ax.plot(batch, t2, "C3--", lw=1, label="Theorem 2 bound")

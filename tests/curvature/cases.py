@@ -103,6 +103,57 @@ class Encoder(nn.Module):
         return self.head(self.layer(self.inp(x)))
 
 
+class Attention(nn.Module):
+    """MultiheadAttention called with masks: causal (bool), key padding from the input."""
+
+    def __init__(self, c: int, batch_first: bool = False, **kw) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(6, 2, batch_first=batch_first, **kw)
+        self.inp = nn.Linear(3, 6)
+        self.head = Head(6, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        pad = x[:, :, 0] > 0.8
+        pad[:, 0] = False
+        causal = torch.ones(x.shape[1], x.shape[1], dtype=torch.bool).triu(1)
+        if self.attn.batch_first:
+            a = self.attn(h, h, h, attn_mask=causal, key_padding_mask=pad)[0]
+        else:
+            t = h.transpose(0, 1)
+            a = self.attn(t, t, t, attn_mask=causal, key_padding_mask=pad)[0].transpose(0, 1)
+        return self.head(a)
+
+
+class SDPA(nn.Module):
+    """A GPT-style causal self-attention block calling ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(3, 12)
+        self.proj = nn.Linear(4, 4)
+        self.norm = nn.LayerNorm(4)
+        self.head = Head(4, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 2).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.head(self.norm(self.proj(a.transpose(1, 2).reshape(x.shape[0], -1, 4))))
+
+
+class CompiledInside(nn.Module):
+    """A model whose submodule was ``torch.compile``d (``self.body = torch.compile(body)``)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        body = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 6))
+        self.body = torch.compile(body, backend="aot_eager")
+        self.out = nn.Linear(6, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.body(x)))
+
+
 class Bare(nn.Module):
     """A bare parameter used directly, a frozen Linear and a LayerNorm."""
 
@@ -173,8 +224,12 @@ CASES: dict[str, Case] = {
     "positional_T_eq_m": Case(lambda c: Positional(c, M), _ids(7, M)),
     "positional": Case(lambda c: Positional(c, 3), _ids(7, 3)),
     "encoder": Case(Encoder, _float(3, 3)),
+    "attention_masked": Case(Attention, _float(4, 3)),
+    "attention_zero_attn": Case(lambda c: Attention(c, True, add_zero_attn=True), _float(4, 3)),
+    "sdpa_causal": Case(SDPA, _float(4, 3)),
     "bare_frozen": Case(Bare, _float(4)),
     "norms": Case(Norms, _float(4)),
+    "compiled_submodule": Case(CompiledInside, _float(4)),
     "compiled": Case(
         lambda c: _seq(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, c)), _float(4), compiled=True
     ),
@@ -205,6 +260,8 @@ def make_problem(
                 model(x * 2 + 0.5 if x.is_floating_point() else x)
     model.eval()
     ref = copy.deepcopy(model).double()
+    if isinstance(getattr(ref, "body", None), torch._dynamo.eval_frame.OptimizedModule):
+        ref.body = ref.body._orig_mod  # the reference runs eagerly
     model = model.to(dtype)
     if x.is_floating_point():
         x = x.to(dtype)

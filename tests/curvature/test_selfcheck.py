@@ -28,6 +28,7 @@ MODES = {
     # silent failure: (case, guards switched off, blocks the check must find)
     "inplace_activation": ("relu_inplace", ["copy_outputs"], {"0"}),
     "read_outside_module": ("tied", ["watch_reads"], {"emb"}),
+    "shared_output_without_sample_axis": ("positional_T_eq_m", ["expand_shared"], {"pos"}),
     "compiled_graph": (
         "compiled",
         ["unwrap_compiled", "watch_reads", "missing_calls"],
@@ -107,3 +108,15 @@ def test_check_cost_is_the_number_of_vectors():
         assert rep.self_check_passes == v and rep.self_check_error < 1e-12
     with pytest.raises(ValueError, match="self_check"):
         measure_curvature(model, x, y, loss, self_check=-1)
+
+
+def test_attention_rule_declines_when_its_forward_does_not_reproduce_the_module(monkeypatch):
+    """The re-implemented attention is compared with the module's own output on every call."""
+    from torch_coherence.curvature.layers import attention
+
+    model, ref, x, y, loss = make_problem("attention_masked", "ce", torch.float64)
+    Kref = dense_gram(ref, x, y, loss)
+    monkeypatch.setattr(attention, "_additive", lambda mask, dtype: None)  # masks forgotten
+    rep = measure_curvature(model, x, y, loss, sharpness="ggn", return_gram=True)
+    assert rep.fallback_blocks["attn.in_proj_weight"].startswith("the attention re-implementation")
+    assert rep.rechecked_blocks == {} and _error(rep, Kref) < 1e-11

@@ -321,3 +321,20 @@ class _Wrap(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model(ids).transpose(1, 2)
+
+
+def test_nll_on_sequence_log_probs_matches_cross_entropy(gen):
+    z = _logits(gen)
+    y = torch.randint(0, V, (M, T), generator=gen)
+    logp = z.log_softmax(-1)
+    nll, ce = nn.NLLLoss(), nn.CrossEntropyLoss()
+    torch.testing.assert_close(
+        per_sample_losses(nll, logp, y).mean(), nll(logp.transpose(1, 2), y), rtol=1e-12, atol=0
+    )
+    torch.testing.assert_close(
+        _dense(output_curvature(nll, logp, y)), _dense(output_curvature(ce, z, y))
+    )
+    a = truncated_curvature(nll, logp, y, 0.1)
+    b = truncated_curvature(ce, z, y, 0.1)
+    torch.testing.assert_close(_dense(a), _dense(b))
+    assert a.truncation == pytest.approx(b.truncation, rel=1e-12)

@@ -226,3 +226,23 @@ def test_sampled_pass_uses_two_phase_probabilities() -> None:
     ex = exact_sigma(model, loss, (X, Y))
     assert est.max_sample_sharpness <= ex.max_sample_sharpness
     assert 0.3 * ex.value < est.value < 3 * ex.value
+
+
+def test_estimate_sigma_errors_name_the_argument() -> None:
+    model, loss, X, Y = tiny_mlp_problem(20)
+    with pytest.raises(ValueError, match="m must be"):
+        estimate_sigma(model, loss, (X, Y), m=2)
+    with pytest.raises(ValueError, match="splits"):
+        estimate_sigma(model, loss, (X, Y), splits=-1)
+    with pytest.raises(TypeError, match="data must be"):
+        estimate_sigma(model, loss, object())
+
+
+def test_a_dataset_of_pairs_gives_the_same_estimate_as_tensors() -> None:
+    from torch.utils.data import TensorDataset
+
+    model, loss, X, Y = tiny_mlp_problem(50)
+    a = estimate_sigma(model, loss, (X, Y), m=16, seed=2)
+    b = estimate_sigma(model, loss, TensorDataset(X, Y), m=16, seed=2, batch_size=9)
+    assert b.value == pytest.approx(a.value, rel=1e-9)
+    assert b.stderr == pytest.approx(a.stderr, rel=1e-9)

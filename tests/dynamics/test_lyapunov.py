@@ -470,35 +470,6 @@ def test_reproduce_disagree_cli(capsys):
     assert "typical (gamma = 0) 4.69" in out
 
 
-def test_figures_draw_the_gamma_zero_contour(tmp_path, monkeypatch):
-    """The phase-diagram plot draws a gamma = 0 contour (dash-dot) with its legend entry."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    from torch_coherence.dynamics import cli
-
-    seen = {}
-
-    def capture(self, path, **kw):
-        ax = self.axes[0]
-        seen["legend"] = [t.get_text() for t in ax.get_legend().get_texts()]
-        seen["contours"] = [c for c in ax.collections if type(c).__name__ == "QuadContourSet"
-                            or hasattr(c, "levels")]  # fmt: skip
-        seen["levels"] = sorted(float(lv) for c in seen["contours"] for lv in c.levels)
-
-    monkeypatch.setattr(Figure, "savefig", capture)
-    panel = dict(title="sigma = 5", lrs=[0.05, 0.2, 0.5, 1.0], sigmas=[5], batch_sizes=[2, 5, 10])
-    pd = phase_diagram(panel["lrs"], [5], panel["batch_sizes"], n=10, steps=5, repeats=1, seed=0)
-    lyap = [r["lyapunov"] for r in pd.rows]
-    assert min(lyap) < 0 < max(lyap)
-    cli._plot("figure2", [panel], {("bernoulli", 0): list(pd.rows)}, tmp_path / "f.png", 10)
-    assert "gamma = 0 (typical run)" in seen["legend"]
-    assert "rho(T) = 1 (mean square)" in seen["legend"]
-    assert 0.0 in seen["levels"] and 1.0 in seen["levels"]
-
-
 @pytest.mark.parametrize("sampling", SAMPLINGS)
 def test_exact_path_for_a_probe_standing_for_n_samples(sampling):
     """n > m: the same exponent as the explicitly tiled data set, by enumeration."""

@@ -32,11 +32,11 @@ def test_ddp_two_processes(tmp_path) -> None:
         assert torch.equal(value, probed[key]), key  # training unaffected
     h0 = json.loads((tmp_path / "history_0.json").read_text())
     h1 = json.loads((tmp_path / "history_1.json").read_text())
-    assert [h["step"] for h in h0] == [3, 6]
+    assert [h["step"] for h in h0] == [0, 3, 6]  # the pre-flight probe, then the schedule
     assert h0 == h1  # every rank committed the same broadcast result
     assert h0[0]["batch_size"] == 16.0  # 8 per device x 2 devices
     rows = list(csv.DictReader(open(tmp_path / "csv" / "version_0" / "metrics.csv")))
-    assert [int(r["step"]) for r in rows if r.get("coherence/sigma")] == [3, 6]  # logged once
+    assert [int(r["step"]) for r in rows if r.get("coherence/sigma")] == [0, 3, 6]  # once
 
     # The same probe on the same weights in this (single) process gives the same numbers.
     model = TinyClassifier(batch_size=8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from torch_coherence.cli import main
+from torch_coherence.demo import what_happened
 
 
 @pytest.mark.usefixtures("quiet_lightning")
@@ -12,8 +13,24 @@ def test_demo_quick(tmp_path, capsys) -> None:
     argv = ["demo", "--out", str(tmp_path), "--epochs", "1", "--every", "20"]
     assert main([*argv, "--probe-size", "64", "--no-progress"]) == 0
     out = capsys.readouterr().out
-    assert "critical lr" in out and "above critical" in out
+    assert "T1 critical lr" in out and "blow-up lr" in out
+    assert "what really happened: the stable run: no blow-up" in out
+    assert "the second run: " in out and "the probe predicted" in out
     assert f"tensorboard --logdir {tmp_path}" in out
     assert (tmp_path / "demo" / "coherence_curves.png").stat().st_size > 10_000
     runs = sorted(p.name for p in (tmp_path / "demo").iterdir() if p.is_dir())
     assert len(runs) == 2 and runs[0].startswith("stable_lr")
+
+
+@pytest.mark.parametrize(
+    ("losses", "start"),
+    [
+        ([2.0, 1.5, 1.0], "no blow-up: the loss went from 2 to 1"),
+        ([1.0, 3.0, 0.5], "no blow-up: the loss spiked to 3x"),
+        ([1.0, 5.0, 11.0], "training blew up at optimizer step 3"),
+        ([1.0, float("nan")], "training blew up at optimizer step 2"),
+        ([], "no optimizer step"),
+    ],
+)
+def test_what_happened_uses_the_benchmarks_blowup_rule(losses, start) -> None:
+    assert what_happened(losses).startswith(start)

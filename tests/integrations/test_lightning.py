@@ -42,7 +42,7 @@ def test_fit_logs_tags_to_tensorboard(tmp_path) -> None:
     acc = EventAccumulator(event_file, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
-    finite = {t for h in cb.history for t in LOGGED if math.isfinite(h[t])}
+    finite = {t for h in cb.history for t in LOGGED if t in h and math.isfinite(h[t])}
     assert finite and finite <= scalars
     assert {"readable/gd_ratio", "readable/log10_margin", "log10/sharpness/ggn"} <= scalars
     for tag in scalars:  # every scalar carries its description in the summary metadata
@@ -374,3 +374,16 @@ def test_non_finite_loss_triggers_a_probe_at_once(tmp_path) -> None:
     # a probe right after the third step's inf loss (and, as the weights are then NaN, after
     # each later step: the guard's triggers are the probe's to bound)
     assert [h["step"] for h in cb.history][:2] == [0, 3]
+
+
+def test_options_are_keyword_only_in_the_monitors_order() -> None:
+    import inspect
+
+    from torch_coherence import CoherenceMonitor
+
+    params = inspect.signature(CoherenceCallback).parameters
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
+    monitor = list(inspect.signature(CoherenceMonitor).parameters)
+    assert [n for n in params if n in monitor] == [n for n in monitor if n in params]
+    with pytest.raises(TypeError):
+        CoherenceCallback(100)

@@ -6,24 +6,34 @@ Given square roots :math:`B_i` (m, C, R) of the output Hessians, row r of sample
 One forward pass records every covered layer's input; R backward passes of
 :math:`\sum_i b_{ir}^\top f_i` give the layer output gradients :math:`\delta_{ir}` (per sample,
 because in eval mode sample i's output depends only on sample i). K is additive over parameter
-blocks (MATH.md §3):
+blocks (``docs/theory.md`` §3):
 
-* covered layers (:mod:`.rules`): the ghost rule
-  :math:`\sum_{t,u} (\delta_{ir,t}\cdot\delta_{js,u})(a_{i,t}\cdot a_{j,u})`, or, when
-  cheaper (long t axes), the materialised per-sample gradient
+* covered modules (a registered rule of :mod:`.layers` supports them, decided before any pass):
+  the ghost rule :math:`\sum_{t,u} (\delta_{ir,t}\cdot\delta_{js,u})(a_{i,t}\cdot a_{j,u})`,
+  or, when cheaper (long t axes), the materialised per-sample gradient
   :math:`\sum_t \delta_{ir,t} a_{i,t}^\top`. Cost per pair of rows: ghost
   :math:`T^2(o + k/R^2 + 1)`, materialised :math:`o\,k` (o, k output / input widths).
 * every other trainable parameter: per-sample rows by ``torch.func`` (``functional_call`` +
   ``vmap`` over samples of ``vjp``, ``vmap`` over the R cotangents), ``chunk_size`` samples at a
-  time.
+  time; one sample at a time where the model cannot be vmapped over samples.
 
-Assumption of the layer rules: a covered module's weight and bias enter the model only
-through that module's own ``forward`` (calls are recorded by a forward hook; several calls are
-concatenated along t). Parameters shared between modules go to the fallback, and module
-subclasses (e.g. the ``out_proj`` of ``nn.MultiheadAttention``, whose weight is used outside
-its forward) are not covered. A weight that is *also* read directly by other code (manual
-weight tying such as ``F.linear(h, self.emb.weight)``) is not detected: pass such models with
-``params`` excluding it, or expect a wrong Gram for that parameter.
+Assumptions of the layer rules and how each is enforced (a module that violates one goes to the
+fallback, named with the reason in ``notes.fallback``):
+
+* a covered weight enters the model only through its module's ``forward``: parameters
+  registered in two modules are not covered, and a :class:`torch.overrides.TorchFunctionMode`
+  watches the recording pass for any read of a covered parameter outside its module (weight
+  tying ``F.linear(h, emb.weight)``);
+* the recorded tensors are the ones the model used: the forward hook hands the model a copy of
+  the layer output (so ``ReLU(inplace=True)`` after it modifies the copy) and the layer input's
+  version counter is compared after the pass (an in-place change afterwards is detected);
+* the hooks see every call: ``torch.compile``d modules run eagerly (:func:`eager_modules`) and a
+  covered module whose hooks never ran goes to the fallback;
+* the first axis of a recorded input and output is the probe's sample axis.
+
+Whatever no guard foresaw, the self-check (:mod:`.selfcheck`) catches: every block of K is
+compared with plain autograd on random coefficient vectors, a wrong block is recomputed through
+the fallback (``notes.rechecked``), and one that still disagrees raises.
 
 The result is a :class:`GramFactors` object: :meth:`GramFactors.block` gives any block
 :math:`K_{IJ}` (so a large K is never formed: S and the diagonal blocks are assembled chunk
@@ -100,6 +110,20 @@ class GramFactors:
     rows: list[torch.Tensor] = field(default_factory=list)  # each (m, R, P) float64
     row_labels: list[str] = field(default_factory=list)  # the block of each rows entry
     notes: EngineNotes = field(default_factory=EngineNotes)
+    dense: torch.Tensor | None = None  # (m, R, m, R): blocks already summed into K
+
+    def extend(self, part: GramFactors) -> None:
+        """Take over ``part``'s factors."""
+        self.ghosts += part.ghosts
+        self.rows += part.rows
+        self.row_labels += part.row_labels
+        if part.dense is not None:
+            self.dense = part.dense if self.dense is None else self.dense.add_(part.dense)
+
+    def absorb(self, part: GramFactors) -> None:
+        """Add ``part``'s whole Gram to :attr:`dense` (its factors can then be freed)."""
+        K = part.full()
+        self.dense = K if self.dense is None else self.dense.add_(K)
 
     def block(self, I: slice, J: slice) -> torch.Tensor:  # noqa: E741
         """K_{IJ} of shape (|I|, R, |J|, R), float64."""
@@ -133,6 +157,9 @@ class GramFactors:
         for rows in self.rows:
             part = (rows[I].reshape(ni * R, -1) @ rows[J].reshape(nj * R, -1).T).view(ni, R, nj, R)
             K = part if K is None else K.add_(part)
+        if self.dense is not None:
+            part = self.dense[I, :, J, :]
+            K = part.clone() if K is None else K.add_(part)
         if K is None:
             return torch.zeros(ni, R, nj, R, dtype=torch.float64)
         return K
@@ -164,6 +191,8 @@ class GramFactors:
                 out += torch.einsum("irto,ito->ir", g.d, Y)
         for rows in self.rows:
             out += torch.einsum("irp,p->ir", rows, torch.einsum("jsp,js->p", rows, v))
+        if self.dense is not None:
+            out += torch.einsum("irjs,js->ir", self.dense, v)
         return out.reshape(-1)
 
     def split(self, r: int) -> tuple[GramFactors, GramFactors]:
@@ -178,6 +207,9 @@ class GramFactors:
             tail.rows.append(rows[:, r:])
             head.row_labels.append(label)
             tail.row_labels.append(label)
+        if self.dense is not None:
+            head.dense = self.dense[:, :r, :, :r]
+            tail.dense = self.dense[:, r:, :, r:]
         return head, tail
 
     def replace(self, label: str, rows: torch.Tensor) -> None:
@@ -206,6 +238,7 @@ SAFEGUARDS = {
     "watch_reads": True,  # parameters read outside their module (weight tying) -> fallback
     "unwrap_compiled": True,  # torch.compile'd modules run eagerly (hooks fire)
     "missing_calls": True,  # a covered module whose hooks never ran -> fallback
+    "expand_shared": True,  # an embedding output without sample axis gets one (positions)
 }
 
 
@@ -248,6 +281,7 @@ class _Covered:
     weight: bool
     bias: bool
     names: list[str]  # the module's selected parameter names (fallback names)
+    tensors: list[torch.Tensor]
 
 
 def _split_params(
@@ -256,8 +290,9 @@ def _split_params(
     """Covered modules (a registered rule supports them) and the fallback parameters.
 
     Decided before any pass: a module is covered when its type has a rule whose
-    ``supports(module)`` holds, it has no parameters besides ``weight``/``bias`` and none of
-    its selected parameters is registered in another module too.
+    ``supports(module)`` holds, it has no parameters besides ``weight``/``bias`` (or those the
+    rule's ``params(module)`` names, all of them selected) and none of its selected parameters
+    is registered in another module too.
     """
     ids = {id(p): k for k, p in selected.items()}
     owners: dict[int, int] = {}
@@ -270,14 +305,21 @@ def _split_params(
         rule = find_rule(mod)
         if rule is None:
             continue
-        direct = dict(mod.named_parameters(recurse=False))
-        if set(direct) - {"weight", "bias"}:
-            continue
-        sel = {k: p for k, p in direct.items() if id(p) in ids}
+        if hasattr(rule, "params"):
+            sel = rule.params(mod)
+            if any(id(p) not in ids or id(p) in taken for p in sel.values()):
+                continue
+            flags = (True, any(k.endswith("bias") for k in sel))
+        else:
+            direct = dict(mod.named_parameters(recurse=False))
+            if set(direct) - {"weight", "bias"}:
+                continue
+            sel = {k: p for k, p in direct.items() if id(p) in ids}
+            flags = ("weight" in sel, "bias" in sel)
         if not sel or any(owners[id(p)] > 1 for p in sel.values()):
             continue
         covered[mod] = _Covered(
-            rule, "weight" in sel, "bias" in sel, [ids[id(p)] for p in sel.values()]
+            rule, *flags, [ids[id(p)] for p in sel.values()], list(sel.values())
         )
         taken.update(id(p) for p in sel.values())
     fallback = {k: p for k, p in selected.items() if id(p) not in taken}
@@ -285,18 +327,29 @@ def _split_params(
 
 
 class _ReadWatch(TorchFunctionMode):
-    """Flags covered parameters read by any torch function outside their own module's forward.
+    r"""Flags covered parameters read by any torch function outside their own module's forward.
 
     The layer rules assume a covered weight enters the model only through its module (weight
     tying such as ``F.linear(h, emb.weight)`` breaks that); such modules go to the fallback.
     Property reads (``weight.shape``) are not uses.
+
+    It also gives outputs without a sample axis their per-sample gradient: an ``nn.Embedding``
+    called on ids without the sample axis (positional embeddings of ``torch.arange(T)``) has one
+    output P (T, d) shared by all samples, added to a per-sample (m, T, d) tensor by
+    broadcasting. That addition is run with P expanded to (m, T, d) explicitly (the same
+    values), and the expanded tensor is recorded as the call's output (ids expanded alike), so
+    its gradient is the per-sample :math:`\delta_i` and the Embedding rule applies.
     """
 
-    def __init__(self, owners: dict[int, nn.Module]) -> None:
+    ADD = (torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__)
+
+    def __init__(self, owners: dict[int, nn.Module], m: int) -> None:
         super().__init__()
         self.owners = owners
+        self.m = m
         self.stack: list[nn.Module] = []
         self.leaked: set[nn.Module] = set()
+        self.shared: dict[int, tuple[torch.Tensor, _Call]] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -305,7 +358,26 @@ class _ReadWatch(TorchFunctionMode):
                 mod = self.owners.get(id(t)) if isinstance(t, torch.Tensor) else None
                 if mod is not None and (not self.stack or self.stack[-1] is not mod):
                     self.leaked.add(mod)
+        if self.shared and func in self.ADD and len(args) == 2:
+            args = tuple(self._expand_shared(args))
         return func(*args, **kwargs)
+
+    def _expand_shared(self, args: tuple) -> list:
+        out = list(args)
+        for j in (0, 1):
+            P, other = args[j], args[1 - j]
+            hit = self.shared.get(id(P)) if isinstance(P, torch.Tensor) else None
+            if hit is None or hit[0] is not P or not isinstance(other, torch.Tensor):
+                continue
+            if other.dim() != P.dim() + 1 or other.shape[0] != self.m:
+                continue
+            call = hit[1]
+            out[j] = P.unsqueeze(0).expand(self.m, *P.shape)
+            call.out = out[j]
+            call.x = call.x.unsqueeze(0).expand(self.m, *call.x.shape)
+            call.version = call.x._version
+            del self.shared[id(P)]
+        return out
 
 
 @dataclass
@@ -313,10 +385,11 @@ class _Call:
     x: torch.Tensor  # the recorded input (detached; shares the version counter)
     version: int  # its version when recorded: a later in-place change is detected
     out: torch.Tensor  # the module's own output (the model continues with a copy)
+    tag: str = ""  # which computation inside the module (rules that record several)
 
 
 def _record(
-    fwd: Forward, inputs: Any, covered: dict[nn.Module, _Covered]
+    fwd: Forward, inputs: Any, covered: dict[nn.Module, _Covered], m: int
 ) -> tuple[torch.Tensor, dict[nn.Module, list[_Call]], dict[nn.Module, str]]:
     """One forward pass with grad, recording each covered module's calls.
 
@@ -326,30 +399,54 @@ def _record(
     (``ReLU(inplace=True)``) changes the copy, not the tensor whose gradient the rule needs.
     """
     records: dict[nn.Module, list[_Call]] = {}
-    owners = {id(p): mod for mod in covered for p in mod.parameters(recurse=False)}
-    watch = _ReadWatch(owners)
+    owners = {id(p): mod for mod, cov in covered.items() for p in cov.tensors}
+    watch = _ReadWatch(owners, m)
+    declined: dict[nn.Module, str] = {}
+    own = [mod for mod, cov in covered.items() if hasattr(cov.rule, "recording_forward")]
 
     def pre(mod: nn.Module, args: tuple) -> None:
         watch.stack.append(mod)
 
+    def recorder(mod: nn.Module) -> Callable[..., torch.Tensor]:
+        def rec(tag: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            x = x.detach()
+            records.setdefault(mod, []).append(_Call(x, x._version, out, tag))
+            return out.clone() if SAFEGUARDS["copy_outputs"] else out
+
+        rec.decline = lambda why: declined.setdefault(mod, why)  # type: ignore[attr-defined]
+        return rec
+
     def post(mod: nn.Module, args: tuple, out: Any) -> Any:
         watch.stack.pop()
+        if mod in own:
+            return None
         if not args or not isinstance(args[0], torch.Tensor) or not isinstance(out, torch.Tensor):
             watch.leaked.add(mod)
             return None
         x = args[0].detach()
-        records.setdefault(mod, []).append(_Call(x, x._version, out))
-        return out.clone() if SAFEGUARDS["copy_outputs"] else None
+        call = _Call(x, x._version, out)
+        records.setdefault(mod, []).append(call)
+        given = out.clone() if SAFEGUARDS["copy_outputs"] else out
+        unbatched = x.dim() < 2 or x.shape[0] != m
+        if isinstance(mod, nn.Embedding) and unbatched and SAFEGUARDS["expand_shared"]:
+            watch.shared[id(given)] = (given, call)  # perhaps no sample axis: see _ReadWatch
+        return given if SAFEGUARDS["copy_outputs"] else None
 
     handles = [mod.register_forward_pre_hook(pre) for mod in covered]
     handles += [mod.register_forward_hook(post) for mod in covered]
+    for mod in own:
+        mod.forward = covered[mod].rule.recording_forward(mod, recorder(mod))
     try:
         with torch.enable_grad(), watch if SAFEGUARDS["watch_reads"] else contextlib.nullcontext():
             out = fwd(inputs)
     finally:
         for h in handles:
             h.remove()
+        for mod in own:
+            del mod.forward
     bad = {mod: "a parameter is read outside the module's forward" for mod in watch.leaked}
+    for mod, why in declined.items():
+        bad.setdefault(mod, why)
     for mod, calls in records.items():
         if any(c.x._version != c.version for c in calls):
             bad.setdefault(mod, "its input was modified in place after the call")
@@ -369,11 +466,25 @@ def _ghost_cheaper(T: int, k: int, o: int, R: int) -> bool:
 
 
 def _add_pieces(
-    facs: GramFactors, label: str, per_call: list[list[Piece]], m: int, R: int, force: str | None
+    facs: GramFactors,
+    label: str,
+    per_call: list[list[Piece]],
+    m: int,
+    R: int,
+    force: str | None,
+    accumulate: bool = False,
 ) -> None:
-    """Concatenate ghost pieces over calls along t (sum rows) and add them to ``facs``."""
-    for k in range(len(per_call[0])):
-        parts = [call[k] for call in per_call]
+    """Concatenate ghost pieces over calls along t (sum rows) and add them to ``facs``.
+
+    Pieces are matched across calls by their position and ``key`` (the recorded tag). With
+    ``accumulate``, a materialised layer whose rows would exceed :data:`ROW_BLOCK_BYTES` is
+    added as its dense Gram, built from sample blocks of its rows.
+    """
+    groups: dict[tuple[str, int], list[Piece]] = {}
+    for call in per_call:
+        for k, piece in enumerate(call):
+            groups.setdefault((piece.key, k), []).append(piece)
+    for parts in groups.values():
         if parts[0].rows is not None:
             facs.rows.append(sum(p.rows for p in parts))
             facs.row_labels.append(label)
@@ -390,6 +501,9 @@ def _add_pieces(
         )
         if ghost:
             facs.ghosts.append(_Ghost(a=a, d=d, index=index, label=label))
+        elif accumulate and m * R * o_dim * k_dim * 8 > ROW_BLOCK_BYTES:
+            K = _blocked_rows_gram(d, a)
+            facs.dense = K if facs.dense is None else facs.dense.add_(K)
         else:
             dt = d.transpose(2, 3).reshape(m, R * o_dim, T)
             facs.rows.append(torch.bmm(dt, a).reshape(m, R, -1))
@@ -408,6 +522,8 @@ def gram_factors(
     force: str | None = None,
     check: int = 2,
     seed: int = 0,
+    accumulate: bool = False,
+    sink: Callable[[GramFactors], None] | None = None,
 ) -> GramFactors:
     """Factor structure of K for cotangents ``sqrt`` (m, C, R), verified against autograd.
 
@@ -426,11 +542,20 @@ def gram_factors(
         check: random coefficient vectors of the self-check (:mod:`.selfcheck`; one backward
             pass each); 0 switches it off.
         seed: seed of the self-check's coefficient vectors.
+        accumulate: stream K: sum each layer's Gram into ``GramFactors.dense`` as soon as
+            its factors exist (and are checked) and free them, and compute the fallback rows
+            in parameter groups of at most :data:`FALLBACK_GROUP_BYTES` (peak memory: the
+            largest layer's factors plus the (m R)^2 Gram, instead of every layer's factors
+            at once).
+        sink: receives each layer's (and fallback parameter's) checked factors as a
+            :class:`GramFactors` of their own instead of the result (e.g.
+            :class:`SketchSink`, which projects them before the next layer is built); the
+            returned factors are then empty.
 
     The result's ``notes`` say which blocks went to the fallback and why, and the self-check's
     relative error.
     """
-    from .selfcheck import self_check
+    from .selfcheck import SelfCheck
 
     with eager_modules(model) as eager:
         fwd = Forward(eager, forward_fn)
@@ -441,7 +566,9 @@ def gram_factors(
         if force == "fallback":
             fallback, covered = dict(selected), {}
         facs = GramFactors(m=m, R=R)
-        out, records, bad = _record(fwd, inputs, covered)
+        consume = sink or (facs.absorb if accumulate else facs.extend)
+        chunk = chunk_size or 32
+        out, records, bad = _record(fwd, inputs, covered, m)
         flat = out.reshape(m, -1)
         if outputs_check is not None:
             outputs_check(flat)
@@ -454,6 +581,17 @@ def gram_factors(
             gs = torch.autograd.grad(out, outs, cot, retain_graph=True, allow_unused=True)
             for lst, o, g in zip(grads, outs, gs, strict=True):
                 lst.append(torch.zeros_like(o) if g is None else g)
+        checker = SelfCheck(out, sqrt, selected, check, seed, m, R) if check and selected else None
+
+        def refit(names: list[str]) -> dict[str, torch.Tensor]:
+            return _fallback_rows(fwd, inputs, sqrt, {k: selected[k] for k in names}, chunk)
+
+        def take(part: GramFactors, label: str, names: list[str], can_refit: bool) -> None:
+            """Check one block while its factors exist, then hand it on (kept/summed/sketched)."""
+            if checker is not None:
+                checker.check(part, label, names, refit if can_refit else None)
+            consume(part)
+
         k = 0
         for mod in live:
             cov = covered[mod]
@@ -461,41 +599,85 @@ def gram_factors(
             for call in records[mod]:
                 batched = call.x.dim() > 0 and call.x.shape[0] == m and call.out.shape[0] == m
                 g = torch.stack(grads[k])
-                per_call.append(
-                    cov.rule.pieces(mod, call.x, g, cov.weight, cov.bias) if batched else None
-                )
+                grads[k] = []  # free this call's output gradients
+                pieces = cov.rule.pieces(mod, call.x, g, cov.weight, cov.bias) if batched else None
+                for piece in pieces or ():
+                    piece.key = call.tag
+                per_call.append(pieces)
                 k += 1
+            records[mod] = []
             if any(p is None for p in per_call):
                 bad[mod] = "its input or output has no leading sample axis of the probe's size"
                 continue
-            _add_pieces(facs, labels[mod], per_call, m, R, force)
+            part = GramFactors(m=m, R=R, notes=facs.notes)
+            _add_pieces(part, labels[mod], per_call, m, R, force, accumulate)
+            del per_call
+            take(part, labels[mod], cov.names, can_refit=True)
+            del part
         del grads, records
-        live = [mod for mod in live if mod not in bad]
+        for mod in covered:  # covered modules whose hooks never ran (safeguard off): K_b = 0
+            if mod not in bad and mod not in live:
+                part = GramFactors(m=m, R=R, notes=facs.notes)
+                take(part, labels[mod], covered[mod].names, can_refit=True)
         for mod, why in bad.items():
             fallback.update({k: selected[k] for k in covered[mod].names})
             facs.notes.fallback.update(dict.fromkeys(map(_user_name, covered[mod].names), why))
         for name in fallback:
             facs.notes.fallback.setdefault(_user_name(name), "no layer rule covers it")
-        for name, rows in _fallback_rows(fwd, inputs, sqrt, fallback, chunk_size or 32).items():
-            facs.rows.append(rows)
-            facs.row_labels.append(_user_name(name))
-        if check:
-            ruled = [mod for mod in covered if mod not in bad]  # with or without calls
-            blocks = {labels[mod]: [selected[k] for k in covered[mod].names] for mod in ruled}
-            blocks.update({_user_name(k): [p] for k, p in fallback.items()})
-            self_check(
-                facs,
-                out,
-                sqrt,
-                blocks,
-                check,
-                seed,
-                refit=lambda names: _fallback_rows(
-                    fwd, inputs, sqrt, {k: selected[k] for k in names}, chunk_size or 32
-                ),
-                names={labels[mod]: covered[mod].names for mod in ruled},
-            )
+        groups = _groups(fallback, m * R * 8) if accumulate or sink else [fallback]
+        for group in groups:
+            for name, rows in _fallback_rows(fwd, inputs, sqrt, group, chunk).items():
+                part = GramFactors(m=m, R=R, rows=[rows], row_labels=[_user_name(name)])
+                part.notes = facs.notes
+                take(part, _user_name(name), [name], can_refit=False)
+        if checker is not None:
+            checker.finish(facs.notes)
     return facs
+
+
+#: Bytes of one layer's materialised per-sample rows held at once when the Gram is streamed;
+#: a larger layer's Gram is built from sample blocks of its rows (recomputed per block pair).
+ROW_BLOCK_BYTES = 256 * 2**20
+
+
+def _blocked_rows_gram(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """One layer's K (m, R, m, R) from rows sum_t d_t a_t^T built a sample block at a time."""
+    m, R, T, o = d.shape
+    n = max(1, ROW_BLOCK_BYTES // (2 * R * o * a.shape[2] * 8))
+
+    def rows(sl: slice) -> torch.Tensor:
+        dt = d[sl].transpose(2, 3).reshape(-1, R * o, T)
+        return torch.bmm(dt, a[sl]).reshape(-1, o * a.shape[2])
+
+    K = torch.empty(m, R, m, R, dtype=torch.float64)
+    for s in range(0, m, n):
+        I = slice(s, min(s + n, m))  # noqa: E741
+        rI = rows(I)
+        for t in range(s, m, n):
+            J = slice(t, min(t + n, m))
+            blk = (rI @ (rI if t == s else rows(J)).T).view(I.stop - I.start, R, -1, R)
+            K[I, :, J, :] = blk
+            K[J, :, I, :] = blk.permute(2, 3, 0, 1)
+    return K
+
+
+#: Bytes of fallback rows computed at once when the Gram is streamed (several parameters
+#: share one ``torch.func`` pass up to this size; a larger parameter gets a pass of its own).
+FALLBACK_GROUP_BYTES = 256 * 2**20
+
+
+def _groups(params: dict[str, torch.Tensor], bytes_per_entry: int) -> list[dict[str, torch.Tensor]]:
+    """Split parameters into groups whose rows take at most FALLBACK_GROUP_BYTES each."""
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, p in sorted(params.items(), key=lambda kv: kv[1].numel()):
+        b = p.numel() * bytes_per_entry
+        if groups[-1] and size + b > FALLBACK_GROUP_BYTES:
+            groups.append({})
+            size = 0
+        groups[-1][name] = p
+        size += b
+    return groups
 
 
 def _fallback_rows(
@@ -513,7 +695,9 @@ def _fallback_rows(
     """
     if not fallback:
         return {}
-    m, _C, R = sqrt.shape
+    m, C, R = sqrt.shape
+    if not isinstance(sqrt, torch.Tensor):  # a lazy factor: dense chunks of n C R doubles
+        chunk = max(1, min(chunk, FALLBACK_GROUP_BYTES // (C * R * 8)))
     names = list(fallback)
     pvals = {k: fallback[k].detach() for k in names}
 
@@ -582,3 +766,39 @@ def sketch(facs: GramFactors, k: int, generator: torch.Generator, chunk: int = 6
         om = torch.randn(rows.shape[-1], k, generator=generator, dtype=torch.float64) * scale
         Z += rows @ om
     return GramFactors(m=m, R=R, rows=[Z], row_labels=["sketch"], notes=facs.notes)
+
+
+class SketchSink:
+    r"""Projects each layer's factors as soon as they exist (``gram_factors(sink=...)``).
+
+    Rows ``[:rows]`` go through :func:`sketch` layer by layer into one (m, rows, k) tensor
+    (independent Gaussian :math:`\Omega_l` per layer, the same distribution as sketching the
+    whole factor at once), so no layer's per-sample rows outlive their layer; rows
+    ``[rows:]`` (the per-sample gradients) are kept exact. :meth:`result` gives both parts.
+    """
+
+    def __init__(self, m: int, rows: int, k: int, generator: torch.Generator) -> None:
+        self.k, self.generator = k, generator
+        self.Z = torch.zeros(m, rows, k, dtype=torch.float64)
+        self.tail: GramFactors | None = None
+        self.rows = rows
+
+    def __call__(self, part: GramFactors) -> None:
+        head, tail = part.split(self.rows)
+        self.Z += sketch(head, self.k, self.generator).rows[0]
+        keep = GramFactors(m=part.m, R=tail.R, notes=part.notes)
+        keep.ghosts = [
+            _Ghost(a=g.a, d=g.d.clone(), index=g.index, label=g.label) for g in tail.ghosts
+        ]
+        keep.rows = [r.clone() for r in tail.rows]
+        keep.row_labels = list(tail.row_labels)
+        if self.tail is None:
+            self.tail = keep
+        else:
+            self.tail.extend(keep)
+
+    def result(self) -> tuple[GramFactors, GramFactors]:
+        """(sketched factors of the first rows, exact factors of the rest)."""
+        m = self.Z.shape[0]
+        tail = self.tail if self.tail is not None else GramFactors(m=m, R=0)
+        return GramFactors(m=m, R=self.rows, rows=[self.Z], row_labels=["sketch"]), tail

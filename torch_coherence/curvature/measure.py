@@ -47,9 +47,17 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .._validation import (
+    NonFiniteError,
+    check_probe_inputs,
+    check_probe_model,
+    check_targets,
+    embedding_id_guard,
+    forward_error,
+)
 from ..coherence import CoherenceStats, _finish, coherence_from_gram
 from ..linalg import lanczos, top_eigenvalue
-from .gram import Forward, GramFactors, eager_modules, gram_factors, sketch
+from .gram import Forward, GramFactors, SketchSink, eager_modules, gram_factors
 from .losses import (
     append_columns,
     check_loss,
@@ -180,7 +188,7 @@ def _check_outputs(out: torch.Tensor) -> None:
     bad = ~torch.isfinite(out.detach()).reshape(out.shape[0], -1).all(1)
     if bad.any():
         idx = bad.nonzero().flatten().tolist()
-        raise FloatingPointError(f"model outputs are not finite for probe samples {idx[:20]}")
+        raise NonFiniteError(f"model outputs are not finite for probe samples {idx[:20]}")
 
 
 def _stats_large(
@@ -290,7 +298,10 @@ def measure_curvature(
             rows). Peak memory grows with it.
         sketch_dim: k for a randomized Gram :math:`(A\Omega)(A\Omega)^\top` (unbiased for
             K, relative error ~ 1/sqrt(k); see :func:`.gram.sketch`); the gradient Gram
-            stays exact. Only worthwhile when k is far below the parameter count.
+            stays exact. Each layer is projected as soon as its factors exist and have
+            passed the self-check (:class:`.gram.SketchSink`), so the memory is that of the
+            largest layer plus (m, R, k). Only worthwhile when k is far below the parameter
+            count.
         sharpness: ``"both"``, ``"hessian"``, ``"ggn"`` or None.
         tol: relative eigenvalue accuracy of the Hessian Lanczos.
         max_hvps: at most this many Hessian-vector products.
@@ -349,6 +360,7 @@ def measure_curvature(
     if n is not None and n < m:
         raise ValueError(f"n: the data-set size {n} is smaller than the probe size {m}")
     sel = _select_params(model, params)
+    check_probe_model(model)
     pdev = {p.device for p in sel.values()}
     for name, x in (("inputs", inputs), ("targets", targets)):
         bad = {d for d in _devices(x) if d.type != next(iter(pdev)).type}
@@ -357,6 +369,8 @@ def measure_curvature(
                 f"{name}: on {sorted(map(str, bad))} but the model is on "
                 f"{sorted(map(str, pdev))}; move them to the model's device"
             )
+    if forward_fn is None:  # (a batch for forward_fn may hold masks with -inf)
+        check_probe_inputs(inputs)
     from .._state import preserved_state
 
     with preserved_state(model), eager_modules(model) as eager:
@@ -365,9 +379,20 @@ def measure_curvature(
         for p in sel.values():
             p.requires_grad_(True)
         fwd = Forward(eager, forward_fn)
-        with torch.no_grad():
-            out = fwd(inputs)
+        guards = embedding_id_guard(eager, m)
+        try:
+            with torch.no_grad():
+                out = fwd(inputs)
+        except RuntimeError as exc:
+            err = forward_error(exc, inputs, eager)
+            if err is exc:
+                raise
+            raise err from exc
+        finally:
+            for h in guards:
+                h.remove()
         _check_outputs(out)
+        check_targets(loss, out, targets)
         if factors == "exact":
             oc = output_curvature(loss, out, targets)
         elif factors == "topk":
@@ -383,6 +408,10 @@ def measure_curvature(
         grads = output_gradients(loss, out, targets)
         R = Bsq.shape[2]
         ext = append_columns(Bsq, grads.unsqueeze(2))
+        sink = None
+        if sketch_dim is not None:
+            gen_s = torch.Generator().manual_seed(1 if seed is None else seed + 1)
+            sink = SketchSink(m, R, sketch_dim, gen_s)
         facs = gram_factors(
             eager,
             inputs,
@@ -393,13 +422,12 @@ def measure_curvature(
             outputs_check=_check_outputs,
             check=self_check,
             seed=0 if seed is None else seed,
+            accumulate=sketch_dim is None and (m * R <= DENSE_LIMIT or return_gram),
+            sink=sink,
         )
         notes = facs.notes
-        facs_g, facs_p = facs.split(R)
+        facs_g, facs_p = facs.split(R) if sink is None else sink.result()
         del facs
-        if sketch_dim is not None:
-            gen_s = torch.Generator().manual_seed(1 if seed is None else seed + 1)
-            facs_g = sketch(facs_g, sketch_dim, gen_s)
         gram = None
         if m * R <= DENSE_LIMIT or return_gram:
             gram = facs_g.full()

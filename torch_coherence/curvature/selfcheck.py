@@ -25,9 +25,15 @@ ReLU), 0.32 (weight tying), 0.96-1.0 (positional embedding with T = m, compiled 
 about |s^2 - 1| for a rule whose input is scaled by s (``tests/curvature/test_selfcheck.py``).
 
 Cost: V extra backward passes of the recording graph (default V = 2) plus products with the
-factors; a block that fails is recomputed through the ``torch.func`` fallback and checked again
-with the same vectors, and a block that still fails raises ``RuntimeError`` (never a silently
-wrong Gram).
+factors. Measured on the digits MLP (64-256-256-10, 85k parameters, m = 256, cross-entropy,
+R = 11 rows; 1 thread, load 11-12 on 2 cores, ``benchmarks/bench_selfcheck.py``): the check
+took 0.06-0.08 s of a 1.6-2.0 s probe (3.5-4.3%). A block that fails is recomputed through the
+``torch.func`` fallback and checked again with the same vectors, and a block that still fails
+raises ``RuntimeError`` (never a silently wrong Gram). Memory: the V autograd gradients in the
+parameters' dtype, then one V x V Gram per parameter. Each block is checked while its factors
+exist (:class:`SelfCheck`), before a streamed Gram sums it into a dense K or a sketch projects
+it, so streaming and sketching never skip the check; the sketch itself is the one approximate
+step after it.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ import torch
 from .gram import GramFactors
 from .losses.factor import column
 
-__all__ = ["TOL", "check_tolerance", "self_check"]
+__all__ = ["TOL", "SelfCheck", "check_tolerance"]
 
 #: Relative tolerance of the check per output dtype.
 TOL = {torch.float64: 1e-8, torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 5e-2}
@@ -51,27 +57,12 @@ def check_tolerance(dtype: torch.dtype) -> float:
     return TOL.get(dtype, 1e-3)
 
 
-def _projections(facs: GramFactors, c: torch.Tensor) -> dict[str, list[torch.Tensor]]:
-    """A_b^T c per block label, in each entry's own basis (V, ...) for c (V, m, R)."""
-    out: dict[str, list[torch.Tensor]] = {}
-    for g in facs.ghosts:
-        W = torch.einsum("jsuo,vjs->vjuo", g.d, c)  # (V, m, T, o)
-        V, o = W.shape[0], W.shape[-1]
-        if g.index:
-            ids = g.a.reshape(-1)
-            ok = ids >= 0
-            M = torch.zeros(V, int(ids.max()) + 1 if ok.any() else 1, o, dtype=W.dtype)
-            M.index_add_(1, ids[ok], W.reshape(V, -1, o)[:, ok])
-        else:
-            M = W.reshape(V, -1, o).transpose(1, 2) @ g.a.reshape(-1, g.a.shape[-1])
-        out.setdefault(g.label, []).append(M.reshape(V, -1))
-    for rows, label in zip(facs.rows, facs.row_labels, strict=True):
-        out.setdefault(label, []).append(torch.einsum("irp,vir->vp", rows, c))
-    return out
-
-
-def _gram(vectors: list[torch.Tensor]) -> torch.Tensor:
-    return sum(v @ v.T for v in vectors)
+def _gram_of(part: GramFactors, c: torch.Tensor) -> torch.Tensor:
+    """c_v^T K_part c_w (V, V) through the factors' own product (ghosts, rows or a dense K)."""
+    flat = c.reshape(c.shape[0], -1)
+    products = torch.stack([part.matvec(v) for v in flat])  # (V, m R)
+    eng = flat @ products.T
+    return (eng + eng.T) / 2
 
 
 def _error(auto: torch.Tensor, eng: torch.Tensor, floor: float) -> float:
@@ -91,74 +82,87 @@ def _combine(sqrt: Any, coeffs: torch.Tensor, out: torch.Tensor) -> torch.Tensor
     return u.reshape(out.shape)
 
 
-def self_check(
-    facs: GramFactors,
-    out: torch.Tensor,
-    sqrt: Any,
-    blocks: dict[str, list[torch.Tensor]],
-    vectors: int,
-    seed: int,
-    refit: Callable[[list[str]], dict[str, torch.Tensor]],
-    names: dict[str, list[str]],
-) -> None:
-    """Check every block of ``facs`` (see the module docstring); fix or raise.
+class SelfCheck:
+    r"""The autograd side of the check, computed once; blocks are checked as they are built.
+
+    The V backward passes give, per parameter p, the V x V Gram
+    :math:`G_p = (A_p^\top c_v \cdot A_p^\top c_w)_{vw}`; a block's autograd Gram is the sum
+    over its parameters (concatenation adds the inner products). Each block is checked, and
+    if wrong refitted, while its factors still exist, so a streamed Gram (layers summed into
+    a dense K and freed, or sketched) is verified block by block before it is summed.
 
     Args:
-        facs: the factors; wrong rule blocks are replaced in place, ``facs.notes`` filled in.
         out: the model output of the recording pass (its graph retained).
         sqrt: the (m, C, R) square roots whose columns b_r are the cotangents: a tensor or a
             lazy factor (:mod:`.losses.factor`), combined column by column.
-        blocks: block label -> its parameter tensors.
+        params: parameter name -> tensor, every parameter of every block.
         vectors: V, the number of random coefficient vectors (one backward pass each).
         seed: seed of the coefficient vectors.
-        refit: fallback rows {parameter name: (m, R, P)} for a list of parameter names.
-        names: rule block label -> its parameter names (blocks that can be refitted).
+        m, R: samples and rows per sample.
     """
-    m, R = facs.m, facs.R
-    gen = torch.Generator().manual_seed(seed)
-    c = torch.randn(vectors, m, R, generator=gen, dtype=torch.float64)
-    labels = list(blocks)
-    params = [p for lab in labels for p in blocks[lab]]
-    grads = []
-    for v in range(vectors):
-        u = _combine(sqrt, c[v], out)
-        gs = torch.autograd.grad(out, params, u, retain_graph=True, allow_unused=True)
-        grads.append(
-            [
-                torch.zeros(p.numel(), dtype=torch.float64)
-                if g is None
-                else (g.to_dense() if g.is_sparse else g).reshape(-1).double()
-                for p, g in zip(params, gs, strict=True)
-            ]
-        )
-    auto: dict[str, torch.Tensor] = {}
-    k = 0
-    for lab in labels:
-        n = len(blocks[lab])
-        vecs = torch.stack([torch.cat(gr[k : k + n]) for gr in grads])
-        auto[lab] = vecs @ vecs.T
-        k += n
-    tol = check_tolerance(out.dtype)
-    proj = _projections(facs, c)
-    zero = torch.zeros(vectors, vectors, dtype=torch.float64)
-    eng = {lab: _gram(proj[lab]) if lab in proj else zero for lab in labels}
-    floor = 1e-12 * sum(float(a.diagonal().max()) for a in auto.values())
-    errors = {lab: _error(auto[lab], eng[lab], floor) for lab in labels}
-    for lab, err in list(errors.items()):
-        if err <= tol or lab not in names:
-            continue
-        rows = refit(names[lab])
-        facs.replace(lab, torch.cat([rows[k] for k in names[lab]], 2))
-        facs.notes.rechecked[lab] = err
-        facs.notes.fallback[lab] = f"the self-check found its layer rule wrong (error {err:.1e})"
-        errors[lab] = _error(auto[lab], _gram(_projections(facs, c)[lab]), floor)
-    facs.notes.check_error = max(errors.values(), default=0.0)
-    facs.notes.check_passes = vectors
-    worst = max(errors, key=errors.get, default=None)
-    if worst is not None and errors[worst] > tol:
-        raise RuntimeError(
-            f"curvature self-check: block {worst!r} of the Gram disagrees with autograd "
-            f"(relative error {errors[worst]:.2e} > tolerance {tol:.0e}) even through the "
-            "torch.func fallback; the model's per-sample outputs may not be independent "
-            "(batch statistics, cross-sample attention?)"
-        )
+
+    def __init__(
+        self,
+        out: torch.Tensor,
+        sqrt: Any,
+        params: dict[str, torch.Tensor],
+        vectors: int,
+        seed: int,
+        m: int,
+        R: int,
+    ) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.c = torch.randn(vectors, m, R, generator=gen, dtype=torch.float64)
+        names = list(params)
+        tensors = [params[k] for k in names]
+        grads = []  # V gradients in the parameters' own dtype
+        for v in range(vectors):
+            u = _combine(sqrt, self.c[v], out)
+            gs = torch.autograd.grad(out, tensors, u, retain_graph=True, allow_unused=True)
+            grads.append([None if g is None else (g.to_dense() if g.is_sparse else g) for g in gs])
+        grams = {}
+        for j, k in enumerate(names):  # one parameter at a time in float64
+            if grads[0][j] is None:
+                grams[k] = torch.zeros(vectors, vectors, dtype=torch.float64)
+                continue
+            vecs = torch.stack([gr[j].reshape(-1).double() for gr in grads])
+            grams[k] = vecs @ vecs.T
+        del grads
+        self.auto = grams
+        self.vectors = vectors
+        self.tol = check_tolerance(out.dtype)
+        self.floor = 1e-12 * sum(float(g.diagonal().max()) for g in grams.values())
+        self.errors: dict[str, float] = {}
+
+    def check(
+        self,
+        part: GramFactors,
+        label: str,
+        names: list[str],
+        refit: Callable[[list[str]], dict[str, torch.Tensor]] | None,
+    ) -> None:
+        """Check block ``label`` (all of ``part``); refit it through the fallback if wrong."""
+        auto = sum((self.auto[k] for k in names), torch.zeros_like(next(iter(self.auto.values()))))
+        err = _error(auto, _gram_of(part, self.c), self.floor)
+        if err > self.tol and refit is not None:
+            rows = refit(names)
+            part.replace(label, torch.cat([rows[k] for k in names], 2))
+            part.notes.rechecked[label] = err
+            part.notes.fallback[label] = (
+                f"the self-check found its layer rule wrong (error {err:.1e})"
+            )
+            err = _error(auto, _gram_of(part, self.c), self.floor)
+        self.errors[label] = max(err, self.errors.get(label, 0.0))
+
+    def finish(self, notes: Any) -> None:
+        """Record the largest error and the passes in ``notes``; raise if a block is wrong."""
+        notes.check_error = max(self.errors.values(), default=0.0)
+        notes.check_passes = self.vectors
+        worst = max(self.errors, key=self.errors.get, default=None)
+        if worst is not None and self.errors[worst] > self.tol:
+            raise RuntimeError(
+                f"curvature self-check: block {worst!r} of the Gram disagrees with autograd "
+                f"(relative error {self.errors[worst]:.2e} > tolerance {self.tol:.0e}) even "
+                "through the torch.func fallback; the model's per-sample outputs may not be "
+                "independent (batch statistics, cross-sample attention?)"
+            )

@@ -1,5 +1,11 @@
 r"""Hessian sharpness: the top eigenvalue of the loss Hessian by Lanczos on HVPs.
 
+Two entry points: :func:`hessian_sharpness` for a loss closure (e.g. a probe batch) and
+:func:`dataset_sharpness` for the training loss over a whole data set (or a seeded sample of
+it), with mini-batched Hessian- or GGN-vector products. A probe's sharpness is biased upwards
+(measured +27% to +69% in the worst of 5 draws of m = 64 on four setups, ``docs/estimates.md``);
+the data-set value is what the stability thresholds need.
+
 The sharpness of a loss L(w) is :math:`\lambda_1(\nabla^2 L(w))`, the largest (algebraic)
 eigenvalue of its Hessian. The Hessian is never formed: Lanczos
 (:func:`torch_coherence.linalg.lanczos`, full re-orthogonalisation, float64 Krylov basis)
@@ -42,6 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.utils._pytree import tree_map
 
 from .._validation import check_positive, check_sample_count
 from ..linalg import LANCZOS_STOPS, lanczos
@@ -290,19 +297,11 @@ def _batch_len(x: object) -> int:
 
 
 def _index(x: object, idx: torch.Tensor) -> object:
-    if isinstance(x, torch.Tensor):
-        return x[idx.to(x.device)]
-    return {k: _index(v, idx) for k, v in x.items()}  # type: ignore[union-attr]
+    return tree_map(lambda t: t[idx.to(t.device)] if isinstance(t, torch.Tensor) else t, x)
 
 
 def _to(x: object, device: torch.device) -> object:
-    if isinstance(x, torch.Tensor):
-        return x.to(device)
-    if isinstance(x, dict):
-        return {k: _to(v, device) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_to(v, device) for v in x)
-    return x
+    return tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, x)
 
 
 def data_batch(data: object, idx: torch.Tensor, device: torch.device) -> tuple[object, object]:
@@ -419,7 +418,7 @@ def dataset_sharpness(
     init_vector: torch.Tensor | None = None,
     forward_fn: Callable[[torch.nn.Module, object], torch.Tensor] | None = None,
     params: Sequence[torch.Tensor] | None = None,
-    tol: float = 1e-3,
+    tol: float = 1e-4,
     max_iter: int = 30,
 ) -> DatasetSharpness:
     r"""Sharpness of the *training loss*: :math:`\lambda_1` of its Hessian or GGN over the data.
@@ -460,7 +459,10 @@ def dataset_sharpness(
         init_vector: warm start, e.g. the previous result's ``vector``.
         forward_fn: ``forward_fn(model, inputs) -> outputs`` for non-tensor inputs.
         params: the parameters (default: all with ``requires_grad``).
-        tol: relative accuracy of the eigenvalue (Lanczos ``stop="value"``).
+        tol: relative accuracy of the eigenvalue (Lanczos ``stop="value"``). Not looser than
+            the default: measured on the digits MLP (n = 1797, Hessian), tol = 1e-3 stopped
+            on a plateau at a lower eigenvalue (13% low, 7 products) for 1 of 6 random
+            starts; tol = 1e-4 found the top one from all 6 (9-12 products).
         max_iter: the most products.
 
     Returns:

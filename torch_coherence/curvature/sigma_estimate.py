@@ -50,10 +50,13 @@ proportional to 1/m, :math:`\mathrm{Var}(\hat\sigma_m) \approx E(\hat\sigma_A -
 \hat\sigma_B)^2/4`, averaged over ``splits`` random splits. It measures the spread over probe
 draws, not a bias; the measured errors are in ``docs/estimates.md``.
 
-Measured (``benchmarks/bench_estimates.py``, ``docs/estimates.md``): on 6 model/data pairs
-with n = 1797-2000 the PPS estimate at m = 256 was within 5% of the exact sigma_n in every
-draw, at m = 64 within about 15%; the rescaled estimator on a uniform probe with the probe's
-own max was off by -35% to +100% on the less aligned ones.
+Measured (``benchmarks/bench_estimates.py``, ``docs/estimates.md``, 5 draws each): on 7
+model/data pairs with n = 1797-2000 (digits MLPs and CNN with CE, an MSE teacher-student
+net, a BCE MLP) the PPS estimate at m = 256 was within 3% of the exact sigma_n in every
+draw, at m = 64 within 16%; the rescaled estimator on a uniform probe with the probe's own
+maximum was off by up to +187% (m = 64) and +81% (m = 256). With the pass on a sample of
+2048 of n = 8000 the denominator is the maximum over that sample and sigma leans high (+1%
+to +6% at m = 256), which the stderr does not include.
 """
 
 from __future__ import annotations
@@ -129,17 +132,9 @@ class PerSampleCurvature:
 
 
 def _select(model: nn.Module, params: Sequence[torch.Tensor] | None) -> dict[str, torch.Tensor]:
-    named = dict(model.named_parameters())
-    if params is None:
-        sel = {k: p for k, p in named.items() if p.requires_grad}
-    else:
-        ids = {id(p) for p in params}
-        sel = {k: p for k, p in named.items() if id(p) in ids}
-        if len(sel) != len(ids):
-            raise ValueError("params: a tensor that is not a parameter of the model")
-    if not sel:
-        raise ValueError("model/params: no trainable parameters (all have requires_grad=False)")
-    return sel
+    from .measure import _select_params
+
+    return _select_params(model, params)
 
 
 def per_sample_curvature(
@@ -362,9 +357,10 @@ def estimate_sigma(
     from .measure import measure_curvature
 
     t0 = time.perf_counter()
-    m = int(m)
-    if m < 4:
-        raise ValueError(f"m must be an int >= 4, got {m}")
+    if isinstance(m, bool) or not isinstance(m, int) or m < 4:
+        raise ValueError(f"m must be an int >= 4, got {m!r}")
+    if isinstance(splits, bool) or not isinstance(splits, int) or splits < 0:
+        raise ValueError(f"splits must be an int >= 0, got {splits!r}")
     n = data_length(data)
     sweep = per_sample_curvature(
         model,

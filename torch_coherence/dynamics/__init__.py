@@ -1,13 +1,17 @@
-"""Exact mean-square stability and simulation of linearized SGD (MATH.md §5, §7).
+"""Exact mean-square stability and simulation of linearized SGD (docs/theory.md §5, §7).
 
 * :func:`mean_square_rate`: rho(T), the spectral radius of the second-moment operator.
 * :func:`critical_lr_exact`, :func:`critical_batch_size_exact`: where rho(T) = 1.
 * :func:`simulate_linearized_sgd`: Monte-Carlo runs of Definition 1 (paper 000).
-* :func:`phase_diagram`: the paper's Section 5 experiments.
 * :func:`lyapunov_exponent`: the top Lyapunov exponent gamma (typical-run stability).
 * :func:`critical_lr_typical`, :func:`critical_batch_size_typical`: where gamma = 0.
+
+The paper's Section 5 experiments (:func:`phase_diagram`, :func:`section51_diagonals`,
+:func:`section51_lyapunov`) and :func:`disagreement_demo` live in
+:mod:`torch_coherence.reproduce` and are re-exported here under their former names.
 """
 
+from ..reproduce.disagree import disagreement_demo
 from .curvature_space import CoefficientCurvature, as_coefficient_curvature
 from .lyapunov import (
     LyapunovEstimate,
@@ -16,9 +20,7 @@ from .lyapunov import (
     TypicalCriticalLR,
     critical_batch_size_typical,
     critical_lr_typical,
-    disagreement_demo,
     lyapunov_exponent,
-    section51_lyapunov,
     stability_verdict,
 )
 from .operator import (
@@ -28,7 +30,7 @@ from .operator import (
     mean_square_rate,
     sampling_coefficients,
 )
-from .phase import PhaseDiagram, phase_diagram, section51_diagonals
+from .phase import PhaseDiagram, phase_diagram, section51_diagonals, section51_lyapunov
 from .simulate import SimulationResult, simulate_linearized_sgd
 
 __all__ = [

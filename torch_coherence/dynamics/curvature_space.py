@@ -56,8 +56,13 @@ class CoefficientCurvature:
         return self.factors.transpose(1, 2) @ self.factors
 
     def mean_hessian(self) -> torch.Tensor:
-        """(r, r) coefficient-space mean Hessian (1/m) sum_i h_i."""
-        return self.hessians().mean(0)
+        """(r, r) coefficient-space mean Hessian (1/m) sum_i h_i = (1/m) F^T F.
+
+        F = the (m c, r) stacked factors: one product, never the (m, r, r) Hessians.
+        """
+        m, c, r = self.factors.shape
+        flat = self.factors.reshape(m * c, r)
+        return (flat.T @ flat) / m
 
 
 def _range_tol(top: float, size: int, rel: float = 1e-13) -> float:

@@ -24,7 +24,7 @@ also lim (1/k) E log ||Pi_k w_0|| (Furstenberg-Kesten), **gamma <= (1/2) log rho
 The gap is the heavy tail of the products: E||w_k||^2 can diverge (rho(T) > 1) while
 almost every run shrinks (gamma < 0). MATH.md §4 gives the one-dimensional example
 n = 3, curvatures (1, 1/4, 1/4), B = 1, eta = 2.25 (Bernoulli): E j^2 = 1.28 > 1 while
-gamma = E log|j| = -0.2458 < 0 (:func:`disagreement_demo`).
+gamma = E log|j| = -0.2458 < 0 (:func:`torch_coherence.reproduce.disagreement_demo`).
 
 The data set
 ------------
@@ -56,7 +56,8 @@ distribution of sum_g v_g X_g is enumerated (up to :data:`EXACT_SUPPORT_LIMIT` p
 beyond it the Monte-Carlo estimator is used). gamma = -inf when some factor is exactly 0
 with positive probability. For the §5.1 construction this gives the binomial /
 hypergeometric expectation of log|1 - eta m X / B| on the coherent coordinate and
-(B/n) log|1 - eta m / B| on each private one (:func:`section51_lyapunov`). At B = n (no
+(B/n) log|1 - eta m / B| on each private one
+(:func:`torch_coherence.reproduce.section51_lyapunov`). At B = n (no
 noise) every J_hat equals J (or the momentum companion matrix A) and gamma = log rho(A).
 
 Monte-Carlo estimator (everything else)
@@ -93,6 +94,7 @@ import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -100,7 +102,7 @@ from scipy.special import gammaln
 
 from .._validation import check_momentum, check_positive, check_sample_count
 from .curvature_space import CoefficientCurvature, as_coefficient_curvature
-from .operator import _sam_q, check_sampling, mean_square_rate
+from .operator import _sam_q, check_sampling
 
 __all__ = [
     "EXACT_SUPPORT_LIMIT",
@@ -111,9 +113,7 @@ __all__ = [
     "TypicalCriticalLR",
     "critical_batch_size_typical",
     "critical_lr_typical",
-    "disagreement_demo",
     "lyapunov_exponent",
-    "section51_lyapunov",
     "stability_verdict",
 ]
 
@@ -130,6 +130,12 @@ MIN_REPEATS = 4
 MIN_STEPS = 100
 
 F64 = torch.float64
+
+#: dtype in which the Monte-Carlo estimator propagates its runs. Every state is renormalised
+#: each step, so single precision loses nothing that matters (a relative rounding of about
+#: 1e-7 per step against standard errors of 1e-5 and more) and halves the cost; the log
+#: growths are summed in float64, and an overflowing run is repeated in float64.
+MC_DTYPE = torch.float32
 
 #: Steps of batch counts drawn at once by the Monte-Carlo estimator.
 _CHUNK = 64
@@ -313,29 +319,6 @@ def _group_log_moment(
     return _log_abs_mean(1.0 - scale * total[ok], np.exp(logp))
 
 
-def section51_lyapunov(
-    n: int, sigma: int, lr: float, batch_size: float, sampling: str, sam_q: float = 0.0
-) -> float:
-    """Exact top Lyapunov exponent of the paper's §5.1 construction (commuting, MATH.md §7).
-
-    Coordinate 1: j = 1 - (eta m / B)(1 + 2 q) X with X ~ Binomial(sigma, B/n) (Bernoulli)
-    or Hypergeometric(n, sigma, B) (without replacement), m = 2 n / sigma; every other
-    coordinate: j = 1 - (eta m / B)(1 + 2 q / sigma) with probability B/n, else 1, so
-    E log|j| = (B/n) log|1 - (eta m / B)(1 + 2 q / sigma)|. gamma is the larger of the two
-    (only the first when sigma = n); -inf when a factor can be exactly 0.
-    """
-    m = 2.0 * n / sigma
-    c = lr * m / batch_size
-    one = np.ones(1)
-    first = _group_log_moment(one, np.array([sigma]), n, batch_size, sampling,
-                              c * (1.0 + 2.0 * sam_q))  # fmt: skip
-    if sigma == n:
-        return float(first)
-    other = _group_log_moment(one, np.array([1]), n, batch_size, sampling,
-                              c * (1.0 + 2.0 * sam_q / sigma))  # fmt: skip
-    return max(float(first), float(other))
-
-
 def _cluster(vals: np.ndarray, rtol: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
     """Group equal (to ``rtol``) values; returns (labels, representative values)."""
     order = np.argsort(vals)
@@ -392,6 +375,8 @@ def _joint_diagonal(
     m, c, r = G.shape
     xi = torch.rand(m, generator=torch.Generator().manual_seed(12345), dtype=F64) + 1.0
     flat = G.reshape(m * c, r)
+    if _clearly_not_commuting(flat, m, c, r):
+        return None
     comb = flat.T @ (flat * xi.repeat_interleave(c).unsqueeze(1))
     try:
         _, V = torch.linalg.eigh(0.5 * (comb + comb.T))
@@ -409,6 +394,35 @@ def _joint_diagonal(
     D = diag.numpy().copy()
     D[D <= 1e-10 * D.max()] = 0.0  # round-off of the rotation, not curvature
     return D, D.mean(0)
+
+
+def _clearly_not_commuting(flat: torch.Tensor, m: int, c: int, r: int) -> bool:
+    """A cheap randomised test that rejects non-commuting h_i before any eigensolver.
+
+    If all h_i commute, X = sum_i xi_i h_i and Y = sum_i zeta_i h_i commute for any
+    weights; if some pair does not, [X, Y] = sum_ij xi_i zeta_j [h_i, h_j] is non-zero for
+    almost every choice of weights, and [X, Y] v for almost every v. Products use the
+    factors (cost O(m c r) per product). "Clearly": ||[X, Y] v|| above 1e-4 of
+    ||X Y v|| + ||Y X v||, far above anything the exact test below would call commuting
+    (it allows an off-diagonal energy of 1e-12, an amplitude of 1e-6); the rest goes on to
+    that test.
+    """
+    if r < 2:
+        return False
+    gen = torch.Generator().manual_seed(54321)
+    xi = (torch.rand(m, generator=gen, dtype=F64) + 1.0).repeat_interleave(c).unsqueeze(1)
+    zeta = (torch.rand(m, generator=gen, dtype=F64) + 1.0).repeat_interleave(c).unsqueeze(1)
+    v = torch.randn(r, 2, generator=gen, dtype=F64)
+
+    def X(u: torch.Tensor) -> torch.Tensor:
+        return flat.T @ (xi * (flat @ u))
+
+    def Y(u: torch.Tensor) -> torch.Tensor:
+        return flat.T @ (zeta * (flat @ u))
+
+    xy, yx = X(Y(v)), Y(X(v))
+    scale = float(xy.norm() + yx.norm())
+    return scale > 0 and float((xy - yx).norm()) > 1e-4 * scale
 
 
 # ------------------------------------------------------------------------ Monte-Carlo path
@@ -464,55 +478,88 @@ class _Batches:
 
 
 def _make_apply(cc: CoefficientCurvature, joint, q: float):
-    """(apply, r): apply(weights (R, m), w (R, r)) = sum_i weights_i h_i P w, P = I + q H.
+    """(apply, r): apply(weights (R, m), W (R, L, r)) = sum_i weights_i h_i P w for every w.
 
-    Commuting curvature (``joint`` = (D, mu) in a common eigenbasis) is propagated in its
-    diagonal form (elementwise products, cost m r per run and step).
+    The R runs each have their own batch weights, shared by the L learning rates of one
+    batched evaluation (common random numbers). Commuting curvature (``joint`` = (D, mu) in
+    a common eigenbasis) is propagated in its diagonal form (elementwise products, cost m r
+    per run and step); otherwise two (R L, r) x (r, m C) products. Computed in
+    :data:`MC_DTYPE`.
     """
     if joint is not None:
-        D = torch.from_numpy(np.ascontiguousarray(joint[0]))
-        pd = torch.from_numpy(1.0 + q * joint[1])
-        return (lambda wt, w: (wt @ D) * (w * pd)), D.shape[1]
+        D = torch.from_numpy(np.ascontiguousarray(joint[0])).to(MC_DTYPE)
+        pd = torch.from_numpy(1.0 + q * joint[1]).to(MC_DTYPE)
+        return (lambda wt, W: (wt @ D).unsqueeze(1) * (W * pd)), D.shape[1]
     G = cc.factors
     m, c, r = G.shape
     P = None
     if q:
-        P = (torch.eye(r, dtype=F64) + q * cc.mean_hessian()).T.contiguous()
+        P = (torch.eye(r, dtype=F64) + q * cc.mean_hessian()).T.contiguous().to(MC_DTYPE)
     if c <= r:
-        flat = G.reshape(m * c, r)
+        flat = G.reshape(m * c, r).to(MC_DTYPE)
+        flat_t = flat.T  # a view: both products read the same memory (cache)
 
-        def apply(wt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-            v = w if P is None else w @ P
-            y = (v @ flat.T).view(-1, m, c) * wt.unsqueeze(2)
-            return y.reshape(-1, m * c) @ flat
+        def apply(wt: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+            R, L, _ = W.shape
+            v = W.reshape(R * L, r)
+            if P is not None:
+                v = v @ P
+            y = (v @ flat_t).view(R, L, m, c) * wt.view(R, 1, m, 1)
+            return (y.view(R * L, m * c) @ flat).view(R, L, r)
 
         return apply, r
-    h = cc.hessians().reshape(m * r, r)
+    h = cc.hessians().reshape(m * r, r).to(MC_DTYPE)
 
-    def apply_h(wt: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        v = w if P is None else w @ P
-        return ((v @ h.T).view(-1, m, r) * wt.unsqueeze(2)).sum(1)
+    def apply_h(wt: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+        R, L, _ = W.shape
+        v = W.reshape(R * L, r)
+        if P is not None:
+            v = v @ P
+        return ((v @ h.T).view(R, L, m, r) * wt.view(R, 1, m, 1)).sum(2)
 
     return apply_h, r
 
 
 def _monte_carlo(
-    apply, r: int, m: int, n: int, lr: float, batch_size: float, sampling: str, beta: float,
-    steps: int, burn_in: int, repeats: int, seed: int, cache: dict | None = None,
-) -> tuple[float, float]:  # fmt: skip
-    """(gamma_hat, stderr): renormalised products of sampled Jacobians, runs vectorised.
+    apply, r: int, m: int, n: int, lrs: list[float], batch_size: float, sampling: str,
+    beta: float, steps: int, burn_in: int, repeats: int, seed: int, cache: dict | None = None,
+) -> list[tuple[float, float]]:  # fmt: skip
+    """(gamma_hat, stderr) for every learning rate: renormalised products, all runs at once.
 
-    ``cache`` (a dict) keeps the batch counts of this (batch_size, seed, steps, repeats) for
-    later calls: evaluations that differ only in lr then reuse the same batches (common
-    random numbers) without drawing them again.
+    The ``repeats`` runs x ``len(lrs)`` learning rates are propagated as one (R, L, r)
+    batch. Every learning rate sees the same starts and the same batch counts (common
+    random numbers), drawn from one generator seeded with ``seed`` in the same order
+    whatever ``lrs`` is, so a learning rate gets the same estimate alone or in any batch
+    (up to the rounding of differently shaped matrix products). ``cache`` (a dict) keeps
+    the batch counts of this (batch_size, seed, steps, repeats) for later calls.
+
+    Each step renormalises every state and records its norm growth; a run's estimate is
+    the mean log growth after ``burn_in``, i.e. (1/K) log(||w_steps|| / ||w_burn_in||).
+    A run whose state becomes exactly 0 gives -inf. Propagation is in :data:`MC_DTYPE`
+    (the log growths are summed in float64); should a norm overflow it, the evaluation is
+    repeated in float64.
     """
+    for dtype in (MC_DTYPE, F64):
+        out = _monte_carlo_run(apply, r, m, n, lrs, batch_size, sampling, beta, steps,
+                               burn_in, repeats, seed, cache, dtype)  # fmt: skip
+        if out is not None:
+            return out
+    raise ArithmeticError("lyapunov_exponent: the norm of a run overflowed float64")
+
+
+def _monte_carlo_run(
+    apply, r, m, n, lrs, batch_size, sampling, beta, steps, burn_in, repeats, seed, cache,
+    dtype,
+) -> list[tuple[float, float]] | None:  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
-    w = torch.randn(repeats, r, generator=gen, dtype=F64)
-    wp = torch.randn(repeats, r, generator=gen, dtype=F64) if beta else None
-    norm0 = (w.square().sum(1) + (wp.square().sum(1) if beta else 0.0)).sqrt()
-    w = w / norm0.unsqueeze(1)
+    w0 = torch.randn(repeats, r, generator=gen, dtype=F64)
+    wp0 = torch.randn(repeats, r, generator=gen, dtype=F64) if beta else None
+    norm0 = (w0.square().sum(1) + (wp0.square().sum(1) if beta else 0.0)).sqrt()
+    L = len(lrs)
+    W = (w0 / norm0.unsqueeze(1)).unsqueeze(1).expand(repeats, L, r).to(dtype).contiguous()
+    Wp = None
     if beta:
-        wp = wp / norm0.unsqueeze(1)
+        Wp = (wp0 / norm0.unsqueeze(1)).unsqueeze(1).expand(repeats, L, r).to(dtype).contiguous()
     batches = _Batches(m, n, batch_size, sampling, repeats, gen)
     key = (batch_size, seed, steps, repeats)
     if cache is not None and key in cache:
@@ -522,37 +569,39 @@ def _monte_carlo(
         if cache is not None and steps * repeats * m <= _CACHE_MAX_ENTRIES:
             cache.clear()
             cache[key] = chunks
-    scale = batches.scale
-    logs = torch.zeros(repeats, dtype=F64)
-    dead = torch.zeros(repeats, dtype=torch.bool)
+    scale = batches.scale.to(dtype)
+    neg_lr = -torch.tensor(lrs, dtype=dtype).view(1, L, 1)
+    norms = torch.empty(steps, repeats, L, dtype=dtype)
     k = 0
     for counts in chunks:
-        for cnt in counts.to(F64):
-            w_new = w - lr * apply(cnt * scale, w)
+        for cnt in counts.to(dtype):
+            Wn = torch.addcmul(W, neg_lr, apply(cnt * scale, W))
             if beta:
-                w_new = w_new + beta * (w - wp)
-                sq = w_new.square().sum(1) + w.square().sum(1)
+                Wn += beta * (W - Wp)
+                nrm = (Wn.square().sum(2) + W.square().sum(2)).sqrt_()
             else:
-                sq = w_new.square().sum(1)
-            nrm = sq.sqrt()
-            zero = nrm == 0
-            if bool(zero.any()):
-                dead |= zero
-                nrm = torch.where(zero, torch.ones_like(nrm), nrm)
-            inv = (1.0 / nrm).unsqueeze(1)
+                nrm = torch.linalg.vector_norm(Wn, dim=2)
+            norms[k] = nrm
+            inv = nrm.reciprocal().unsqueeze(2)
             if beta:
-                wp = w * inv
-            w = w_new * inv
-            if k >= burn_in:
-                logs += nrm.log()
+                Wp = W * inv
+            W = Wn * inv
             k += 1
-    per_run = (logs / (steps - burn_in)).numpy()
-    per_run[dead.numpy()] = -math.inf
-    if not np.isfinite(per_run).all():
-        return -math.inf, math.nan
-    value = float(per_run.mean())
-    se = float(per_run.std(ddof=1) / math.sqrt(repeats)) if repeats > 1 else math.nan
-    return value, se
+    dead = (norms == 0).any(0)  # (R, L): annihilated exactly (NaN afterwards)
+    tail = norms[burn_in:].to(F64)
+    if not bool(torch.isfinite(tail[:, ~dead]).all()):
+        return None  # overflow of the propagation dtype
+    per_run = tail.log().sum(0) / (steps - burn_in)
+    per_run[dead] = -math.inf
+    out = []
+    for j in range(L):
+        col = per_run[:, j].numpy()
+        if not np.isfinite(col).all():
+            out.append((-math.inf, math.nan))
+            continue
+        se = float(col.std(ddof=1) / math.sqrt(repeats)) if repeats > 1 else math.nan
+        out.append((float(col.mean()), se))
+    return out
 
 
 # ------------------------------------------------------------------------ the public API
@@ -586,6 +635,12 @@ class _Problem:
         rad = float(torch.linalg.eigvals(J).abs().max())
         return math.log(rad) if rad > 0 else -math.inf
 
+    def top_eigenvalue(self) -> float:
+        """lambda_1 of the mean Hessian (in the common eigenbasis when it commutes)."""
+        if self.joint is not None:
+            return float(np.max(self.joint[1]))
+        return float(torch.linalg.eigvalsh(self.cc.mean_hessian())[-1])
+
     def exact(self, lr: float, batch_size: float) -> tuple[float, str] | None:
         if self.cc.rank == 0:
             return 0.0, "zero"
@@ -599,11 +654,14 @@ class _Problem:
                                lr, batch_size, self.sampling)  # fmt: skip
         return None if val is None else (val, "commuting")
 
-    def monte_carlo(self, lr, batch_size, steps, burn_in, repeats, seed) -> tuple[float, float]:
+    def monte_carlo(
+        self, lrs: list[float], batch_size, steps, burn_in, repeats, seed
+    ) -> list[tuple[float, float]]:
+        """(gamma_hat, stderr) for each learning rate, in one batched run (CRN)."""
         if self._apply is None:
             self._apply = _make_apply(self.cc, self.joint, self.q)
         apply, r = self._apply
-        return _monte_carlo(apply, r, self.cc.m, self.n, lr, batch_size, self.sampling,
+        return _monte_carlo(apply, r, self.cc.m, self.n, list(lrs), batch_size, self.sampling,
                             self.beta, steps, burn_in, repeats, seed, self._cache)  # fmt: skip
 
 
@@ -670,22 +728,37 @@ def _warn_precision(value: float, se: float, steps: int, burn_in: int, repeats: 
         )
 
 
+def _evaluate_many(
+    prob: _Problem, lrs: list[float], b: float, steps: int, repeats: int, burn_in: int,
+    seed: int, method: str,
+) -> list[LyapunovEstimate]:  # fmt: skip
+    """gamma at every learning rate: exact ones one by one, the rest in one batched run."""
+    out: list[LyapunovEstimate | None] = [None] * len(lrs)
+    if method != "monte_carlo" or prob.cc.rank == 0:
+        for j, lr in enumerate(lrs):
+            ex = prob.exact(lr, b)
+            if ex is not None:
+                out[j] = LyapunovEstimate(ex[0], 0.0, 0, 0, 0, True, ex[1], prob.n)
+            elif method == "exact":
+                raise ValueError(
+                    "method='exact' needs commuting Jacobians without momentum (diagonal or "
+                    "simultaneously diagonalisable curvature, an enumerable batch "
+                    "distribution) or batch_size = n; use method='auto' or 'monte_carlo'"
+                )
+    todo = [j for j, e in enumerate(out) if e is None]
+    if todo:
+        res = prob.monte_carlo([lrs[j] for j in todo], b, steps, burn_in, repeats, seed)
+        for j, (value, se) in zip(todo, res, strict=True):
+            out[j] = LyapunovEstimate(value, se, steps, repeats, burn_in, False, "monte_carlo",
+                                      prob.n)  # fmt: skip
+    return out  # type: ignore[return-value]
+
+
 def _evaluate(
     prob: _Problem, lr: float, b: float, steps: int, repeats: int, burn_in: int, seed: int,
     method: str,
 ) -> LyapunovEstimate:  # fmt: skip
-    if method != "monte_carlo" or prob.cc.rank == 0:
-        ex = prob.exact(lr, b)
-        if ex is not None:
-            return LyapunovEstimate(ex[0], 0.0, 0, 0, 0, True, ex[1], prob.n)
-        if method == "exact":
-            raise ValueError(
-                "method='exact' needs commuting Jacobians without momentum (diagonal or "
-                "simultaneously diagonalisable curvature, an enumerable batch distribution) "
-                "or batch_size = n; use method='auto' or 'monte_carlo'"
-            )
-    value, se = prob.monte_carlo(lr, b, steps, burn_in, repeats, seed)
-    return LyapunovEstimate(value, se, steps, repeats, burn_in, False, "monte_carlo", prob.n)
+    return _evaluate_many(prob, [lr], b, steps, repeats, burn_in, seed, method)[0]
 
 
 def lyapunov_exponent(
@@ -775,34 +848,142 @@ def _root(f: Callable[[float], float], lo: float, hi: float, rel_tol: float) -> 
 
 
 class _Cached:
-    """gamma_hat(x) and stderr with every evaluation kept (common random numbers)."""
+    """gamma_hat(x) and stderr with every evaluation kept (common random numbers).
 
-    def __init__(self, fn: Callable[[float], LyapunovEstimate]):
-        self.fn = fn
+    ``fn_many(xs)`` evaluates a list of points at once (one batched Monte-Carlo run).
+    """
+
+    def __init__(self, fn_many: Callable[[list[float]], list[LyapunovEstimate]]):
+        self.fn_many = fn_many
         self.memo: dict[float, LyapunovEstimate] = {}
 
+    def many(self, xs: list[float]) -> None:
+        todo = sorted({x for x in xs if x not in self.memo})
+        if todo:
+            self.memo.update(zip(todo, self.fn_many(todo), strict=True))
+
     def __call__(self, x: float) -> LyapunovEstimate:
-        if x not in self.memo:
-            self.memo[x] = self.fn(x)
+        self.many([x])
         return self.memo[x]
 
     def shifted(self, z: float) -> Callable[[float], float]:
         def g(x: float) -> float:
             e = self(x)
-            se = 0.0 if e.exact or not math.isfinite(e.stderr) else e.stderr
-            return e.value + z * se
+            return e.value + z * _se(e)
 
         return g
 
 
-def _expand(g: Callable[[float], float], x: float, positive: bool, factor: float,
-            limit: int = 60) -> float | None:  # fmt: skip
-    """Multiply x by ``factor`` until (g(x) > 0) == positive; None if it never happens."""
-    for _ in range(limit):
-        if (g(x) > 0) == positive:
-            return x
-        x *= factor
-    return None
+def _se(e: LyapunovEstimate) -> float:
+    """The standard error that the critical values use (0 when exact or not estimable)."""
+    return 0.0 if e.exact or not math.isfinite(e.stderr) else e.stderr
+
+
+#: Largest factor by which the search for a typical critical learning rate widens the
+#: first bracket around the full-batch GD limit, each way (as 60 doublings did before).
+_EXPAND_LIMIT = 2.0**60
+
+
+class _LrSearch:
+    """Roots of g_z(eta) = gamma_hat(eta) + z stderr(eta) for several z, batched by round.
+
+    Every round collects the learning rates that all unresolved roots need and evaluates
+    them in one batched Monte-Carlo run (:meth:`_Cached.many`).
+
+    1. Bracket: start from eta0 / 2, eta0, 2 eta0 and widen by factors of 4 (down while
+       g_z > 0 everywhere, up while g_z <= 0 everywhere) until some pair of neighbouring
+       points has g_z(a) <= 0 < g_z(b); of several such pairs the one nearest eta0 is kept.
+       None found within :data:`_EXPAND_LIMIT`: inf (g_z <= 0 everywhere) or 0.0.
+    2. Refine: regula falsi on log eta with guards: the interpolated root x and the two
+       points x / (1 + t), x (1 + t), t = rel_tol / 2.5, are evaluated, so that a good
+       interpolation closes the bracket to a ratio below 1 + rel_tol in one round; a round
+       that does not halve the bracket (in log) adds its geometric midpoint (bisection
+       safeguard). Stops when b / a - 1 <= rel_tol.
+
+    The answer is the interpolated root inside the final bracket (its geometric midpoint
+    when an end is infinite).
+    """
+
+    def __init__(self, gam: _Cached, eta0: float, zs: tuple[float, ...], rel_tol: float):
+        self.gam, self.eta0, self.zs, self.rel_tol = gam, eta0, zs, rel_tol
+        self.t = rel_tol / 2.5
+
+    def g(self, z: float, x: float) -> float:
+        e = self.gam.memo[x]
+        return e.value + z * _se(e)
+
+    def _bracket(self, z: float) -> tuple[float, float] | None:
+        xs = sorted(self.gam.memo)
+        pairs = [(a, b) for a, b in pairwise(xs) if self.g(z, a) <= 0 < self.g(z, b)]
+        if not pairs:
+            return None
+        return min(pairs, key=lambda p: abs(math.log(math.sqrt(p[0] * p[1]) / self.eta0)))
+
+    def _widen(self, z: float) -> float | None:
+        """The next point of the bracket search for z, or None when it is exhausted."""
+        xs = sorted(self.gam.memo)
+        if all(self.g(z, x) > 0 for x in xs):
+            nxt = xs[0] / 4.0
+            return nxt if nxt >= self.eta0 / _EXPAND_LIMIT else None
+        nxt = xs[-1] * 4.0
+        return nxt if nxt <= self.eta0 * _EXPAND_LIMIT else None
+
+    def _interpolate(self, z: float, a: float, b: float) -> float:
+        ga, gb = self.g(z, a), self.g(z, b)
+        if not (math.isfinite(ga) and math.isfinite(gb)) or gb == ga:
+            return math.sqrt(a * b)
+        frac = min(max(ga / (ga - gb), 0.0), 1.0)
+        return a * (b / a) ** frac
+
+    def solve(self) -> list[float]:
+        self.gam.many([self.eta0 / 2.0, self.eta0, 2.0 * self.eta0])
+        result: dict[float, float] = {}
+        last: dict[float, float] = {}
+        for _ in range(400):
+            need: list[float] = []
+            for z in self.zs:
+                if z in result:
+                    continue
+                br = self._bracket(z)
+                if br is None:
+                    nxt = self._widen(z)
+                    if nxt is None:
+                        all_neg = all(self.g(z, x) <= 0 for x in self.gam.memo)
+                        result[z] = math.inf if all_neg else 0.0
+                    else:
+                        need.append(nxt)
+                    continue
+                a, b = br
+                if b / a - 1.0 <= self.rel_tol:
+                    result[z] = self._interpolate(z, a, b)
+                    continue
+                x = self._interpolate(z, a, b)
+                cand = [x / (1.0 + self.t), x, x * (1.0 + self.t)]
+                width = math.log(b / a)
+                if z in last and width > 0.5 * last[z]:
+                    cand.append(math.sqrt(a * b))
+                last[z] = width
+                need += [c for c in cand if a < c < b]
+                if not any(a < c < b for c in cand):
+                    need.append(math.sqrt(a * b))
+            if not need:
+                break
+            self.gam.many(need)
+        return [result.get(z, math.nan) for z in self.zs]
+
+    def stderr_at(self, x: float) -> float:
+        """Standard error at x: interpolated between the evaluated neighbours (log eta)."""
+        xs = sorted(self.gam.memo)
+        below = [p for p in xs if p <= x]
+        above = [p for p in xs if p >= x]
+        if not below or not above:
+            return _se(self.gam.memo[min(xs, key=lambda p: abs(math.log(p / x)))])
+        a, b = below[-1], above[0]
+        sa, sb = _se(self.gam.memo[a]), _se(self.gam.memo[b])
+        if a == b:
+            return sa
+        frac = math.log(x / a) / math.log(b / a)
+        return sa + frac * (sb - sa)
 
 
 def critical_lr_typical(
@@ -820,24 +1001,31 @@ def critical_lr_typical(
     burn_in: int | None = None,
     kind: str = "auto",
     rel_tol: float = 1e-3,
+    band: bool = True,
 ) -> TypicalCriticalLR:
     """Learning rate at which the top Lyapunov exponent gamma crosses 0 (typical divergence).
 
     Every evaluation of gamma uses the same seed (common random numbers: the same batches
-    and starts), so gamma_hat(eta) is continuous in eta. Starting from the full-batch GD
-    limit eta_GD = 2 (1 + beta) / (lambda_1 (1 + (rho/alpha) lambda_1)), the bracket is
-    widened by factors of 2 until gamma_hat changes sign, then solved by geometric bisection
-    to relative tolerance ``rel_tol``; the same is done for gamma_hat + 2 stderr and
-    gamma_hat - 2 stderr, whose roots are ``lr_low`` and ``lr_high``: the standard error's
-    effect on the answer. gamma is not monotone in eta in general (it dips to -inf where a
-    factor 1 - eta x can vanish); the root returned is one crossing inside the bracket. Since
-    gamma <= (1/2) log rho(T), the result is never below :func:`critical_lr_exact` (up to
-    the estimator's error). ``inf`` for zero curvature.
+    and starts), so gamma_hat(eta) is continuous in eta, and the learning rates of one
+    search round are evaluated together in one batched Monte-Carlo run (each gets exactly
+    the estimate :func:`lyapunov_exponent` gives it alone, up to rounding). Starting from
+    the full-batch GD limit eta_GD = 2 (1 + beta) / (lambda_1 (1 + (rho/alpha) lambda_1)),
+    a bracket is found (eta_GD / 2, eta_GD, 2 eta_GD, then widened by factors of 4) and
+    closed by guarded regula falsi on log eta to relative width ``rel_tol`` (usually two or
+    three rounds of two or three learning rates; see :class:`_LrSearch`). With ``band``
+    the same is done, in the same rounds, for gamma_hat + 2 stderr and gamma_hat - 2 stderr,
+    whose roots are ``lr_low`` and ``lr_high``: the standard error's effect on the answer
+    (they mostly fall inside brackets the central root needs anyway); ``band=False``
+    solves the central root only and reports ``lr_low = lr_high = lr``. gamma is not
+    monotone in eta in general (it dips to -inf where a factor 1 - eta x can vanish); the
+    root returned is one crossing inside the bracket. Since gamma <= (1/2) log rho(T), the
+    result is never below :func:`critical_lr_exact` (up to the estimator's error). ``inf``
+    for zero curvature.
 
-    Cost: about 20 gamma evaluations for a Monte-Carlo problem (each like one default call
-    of :func:`lyapunov_exponent`, the batches drawn once); measured 4.4 s at r = 320 on the
-    development machine (:func:`critical_batch_size_typical`: 4.1 s).
-    Arguments as in :func:`lyapunov_exponent`.
+    Cost (``benchmarks/bench_dynamics.py``, one thread): on a 64-example probe Gram of a
+    digits MLP (C = 10, r = 576) with the probe's protocol (200 steps, 4 repeats,
+    rel_tol 2e-2) 8 learning rates in 3 batched runs. ``stderr`` is interpolated between
+    the evaluated neighbours of the root. Arguments as in :func:`lyapunov_exponent`.
     """
     steps, repeats, burn_in, seed = _check_protocol(steps, repeats, burn_in, seed)
     rel_tol = check_positive("rel_tol", rel_tol)
@@ -845,24 +1033,20 @@ def critical_lr_typical(
     b = _check_batch(batch_size, prob.n, prob.sampling)
     if prob.cc.rank == 0:
         return TypicalCriticalLR(math.inf, math.inf, math.inf, 0.0, True, steps, repeats, seed, 0)
-    lam = float(torch.linalg.eigvalsh(prob.cc.mean_hessian())[-1])
+    lam = prob.top_eigenvalue()
     eta0 = 2.0 * (1.0 + prob.beta) / (lam * (1.0 + prob.q * lam))
-    gam = _Cached(lambda eta: _evaluate(prob, eta, b, steps, repeats, burn_in, seed, "auto"))
-    out = []
-    for z in (0.0, 2.0, -2.0):
-        g = gam.shifted(z)
-        hi = _expand(g, eta0, True, 2.0)
-        lo = None if hi is None else _expand(g, 0.5 * hi, False, 0.5)
-        if hi is None or lo is None:
-            out.append(math.inf if hi is None else 0.0)
-            continue
-        out.append(_root(g, lo, hi, rel_tol))
-    est = gam(out[0]) if math.isfinite(out[0]) and out[0] > 0 else None
+    gam = _Cached(lambda etas: _evaluate_many(prob, etas, b, steps, repeats, burn_in, seed, "auto"))
+    zs = (0.0, 2.0, -2.0) if band else (0.0,)
+    search = _LrSearch(gam, eta0, zs, rel_tol)
+    out = search.solve()
+    if not band:
+        out = [out[0], out[0], out[0]]
     exact = all(e.exact for e in gam.memo.values())
-    se = 0.0 if est is None or est.exact else est.stderr
-    if est is not None and not est.exact:
-        _warn_precision(est.value, se, steps, burn_in, repeats)
-    return TypicalCriticalLR(out[0], out[1], out[2], se, exact, steps, repeats, seed,
+    crit = out[0]
+    se = search.stderr_at(crit) if math.isfinite(crit) and crit > 0 else 0.0
+    if not exact and math.isfinite(crit) and crit > 0:
+        _warn_precision(0.0, se, steps, burn_in, repeats)
+    return TypicalCriticalLR(crit, out[1], out[2], se, exact, steps, repeats, seed,
                              len(gam.memo))  # fmt: skip
 
 
@@ -900,7 +1084,9 @@ def critical_batch_size_typical(
     nn = prob.n
     if prob.cc.rank == 0:
         return TypicalCriticalBatchSize(0.0, 0.0, 0.0, math.nan, True, steps, repeats, seed, 0)
-    gam = _Cached(lambda b: _evaluate(prob, lr, b, steps, repeats, burn_in, seed, "auto"))
+    gam = _Cached(
+        lambda bs: [_evaluate(prob, lr, x, steps, repeats, burn_in, seed, "auto") for x in bs]
+    )
     integer = prob.sampling == "without_replacement"
     out = []
     for z in (0.0, -2.0, 2.0):
@@ -964,38 +1150,3 @@ def stability_verdict(rho: float, gamma: LyapunovEstimate | float, z: float = 2.
                 f"still settle ({rtxt} > 1: E||w_k||^2 diverges; {gtxt} < 0: a typical run "
                 f"shrinks)")  # fmt: skip
     return f"stable: typical runs and the mean square both contract ({rtxt} <= 1, {gtxt} < 0)"
-
-
-def disagreement_demo() -> str:
-    """MATH.md §4: n = 3, curvatures (1, 1/4, 1/4), B = 1, Bernoulli sampling, exact values.
-
-    At eta = 2.25, rho(T) = E j^2 = 1.28 > 1 (mean-square divergent) while
-    gamma = E log|j| = -0.2458 < 0 (a typical run shrinks); eta = 1.5 is stable in both
-    senses and eta = 6 divergent in both. Each line also gives the outcome of 200 simulated
-    runs (:func:`simulate_linearized_sgd`, the paper's 1000x rule, 1000 steps, seed 0), the
-    verdict at eta = 2.25 and the two critical learning rates (rho(T) = 1 at eta = 2,
-    gamma = 0 at eta = 4.698). Returns the text.
-    """
-    from .operator import critical_lr_exact
-    from .simulate import simulate_linearized_sgd
-
-    D = torch.tensor([[1.0], [0.25], [0.25]], dtype=F64)
-    lines = ["n = 3, per-sample curvatures (1, 1/4, 1/4), B = 1, Bernoulli sampling (MATH.md §4)"]
-    for eta in (1.5, 2.25, 6.0):
-        rho = mean_square_rate(D, eta, 1, kind="diagonal")
-        gam = lyapunov_exponent(D, eta, 1, kind="diagonal")
-        sim = simulate_linearized_sgd(D, eta, 1, steps=1000, repeats=200, seed=0, kind="diagonal")
-        lines.append(
-            f"eta = {eta}: rho(T) = {rho:.4f}, gamma = {gam.value:+.4f} (exact); simulated: "
-            f"{sim.diverged_fraction:.0%} of 200 runs grew 1000x, {sim.converged_fraction:.0%} "
-            f"shrank 1000x -> {stability_verdict(rho, gam).split(' (')[0]}"
-        )
-    rho = mean_square_rate(D, 2.25, 1, kind="diagonal")
-    warn = stability_verdict(rho, lyapunov_exponent(D, 2.25, 1, kind="diagonal"))
-    lines.append(f"warning at eta = 2.25: {warn}")
-    ms = critical_lr_exact(D, 1, kind="diagonal")
-    ty = critical_lr_typical(D, 1, kind="diagonal", seed=0)
-    lines.append(f"critical eta: mean-square (rho(T) = 1) {ms:.4f}, typical (gamma = 0) "
-                 f"{ty.lr:.4f}; in between E||w_k||^2 diverges while a typical run "
-                 "converges")  # fmt: skip
-    return "\n".join(lines)

@@ -215,39 +215,58 @@ def _matrix_free_rate(A: torch.Tensor, L: torch.Tensor, w: torch.Tensor, tol: fl
     return float(np.abs(vals).max())
 
 
+def _symmetrised(cc: CoefficientCurvature, q: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G, mu): factors in the eigenbasis of H with SAM folded in, and H's eigenvalues there.
+
+    With P = I + q H, P^(1/2) J_hat P^(-1/2) = I - eta P^(1/2) H_hat P^(1/2) is symmetric:
+    SAM is SGD on the Hessians P^(1/2) H_i P^(1/2) (same rho(T)), whose factors are
+    G_i V P^(1/2) and whose mean has the eigenvalues mu (1 + q mu).
+    """
+    Hm = cc.mean_hessian()
+    mu, V = torch.linalg.eigh(0.5 * (Hm + Hm.T))
+    mu = mu.clamp_min(0)
+    G = cc.factors @ (V * (1.0 + q * mu).sqrt())
+    return G, mu * (1.0 + q * mu)
+
+
+def _noise_product(G: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """M -> sum_i G_i^T (G_i M G_i^T) G_i = sum_i h_i M h_i, as one (r, m c) x (m c, r) product.
+
+    Costs O(m c r^2), not the O(m r^3) of forming the h_i.
+    """
+    m, c, r = G.shape
+    flat = G.reshape(m * c, r)
+
+    def apply(M: torch.Tensor) -> torch.Tensor:
+        inner = (G @ M) @ G.transpose(1, 2)  # (m, c, c)
+        return flat.T @ (inner @ G).reshape(m * c, r)
+
+    return apply
+
+
 def _self_adjoint_rate(
     cc: CoefficientCurvature, lr: float, a: float, b: float, q: float, tol: float
 ) -> float:
     """rho(T) without momentum by Lanczos on symmetric r x r matrices, factor-form products.
 
-    With P = I + q H, P^(1/2) J_hat P^(-1/2) = I - eta P^(1/2) H_hat P^(1/2) is symmetric
-    (SAM is SGD on the Hessians P^(1/2) H_i P^(1/2), same rho(T)). For symmetric J_hat,
-    <N, T(M)> = E tr(N J_hat M J_hat) = <T(N), M>: T is self-adjoint in the trace inner
-    product and maps the PSD cone into itself, so rho(T) is its largest eigenvalue
-    (Krein-Rutman) and Lanczos applies. Products use the coefficient factors G_i
-    (h_i = G_i^T G_i): the noise term mean_i G_i^T (G_i M G_i^T) G_i costs O(m c r^2),
-    not O(m r^3).
+    In the symmetrised form (:func:`_symmetrised`) J_hat is symmetric, so for
+    <N, M> = tr(N M), <N, T(M)> = E tr(N J_hat M J_hat) = <T(N), M>: T is self-adjoint in
+    the trace inner product and maps the PSD cone into itself, so rho(T) is its largest
+    eigenvalue (Krein-Rutman) and Lanczos applies. In the eigenbasis of H, J and H act
+    entrywise on M.
     """
-    G = cc.factors
-    m, c, r = G.shape
+    G, mu = _symmetrised(cc, q)
+    m, _, r = G.shape
     eye = torch.eye(r, dtype=F64)
-    # rotate to the eigenbasis of H, where J, P and H act entrywise on M
-    Hm = cc.mean_hessian()
-    mu, V = torch.linalg.eigh(0.5 * (Hm + Hm.T))
-    mu = mu.clamp_min(0)
-    G = G @ (V * (1.0 + q * mu).sqrt())  # SAM: P^(1/2) H_i P^(1/2), P = I + q H
-    mu = mu * (1.0 + q * mu)
     jj = torch.outer(1.0 - lr * mu, 1.0 - lr * mu)
     hh = torch.outer(mu, mu)
-    flat = G.reshape(m * c, r)
+    noise = _noise_product(G)
     ca, cb = lr * lr * a / m, lr * lr * b
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
         M = v.reshape(r, r)
         M = 0.5 * (M + M.T)
-        # sum_i G_i^T (G_i M G_i^T) G_i as one (r, mc) x (mc, r) product
-        inner = (G @ M) @ G.transpose(1, 2)  # (m, c, c)
-        out = jj * M + ca * (flat.T @ (inner @ G).reshape(m * c, r))
+        out = jj * M + ca * noise(M)
         if cb:
             out = out - cb * (hh * M)
         return out.reshape(-1)
@@ -256,6 +275,54 @@ def _self_adjoint_rate(
         matvec, eye.reshape(-1), tol=tol, max_iter=min(r * (r + 1) // 2, 500), stop="value"
     )
     return float(res.value)
+
+
+def _critical_lr_self_adjoint(
+    cc: CoefficientCurvature, a: float, b: float, q: float, rel_tol: float
+) -> float | None:
+    r"""The exact mean-square critical learning rate without momentum, as one eigenproblem.
+
+    In the symmetrised eigenbasis (:func:`_symmetrised`),
+    T(eta) = I - eta L + eta^2 N with L(M) = (mu_a + mu_b) M_ab (entrywise, positive
+    definite: mu > 0 on the coefficient space) and
+    N(M) = (1 - b) mu_a mu_b M_ab + (a/m) sum_i h_i M h_i, both self-adjoint in the trace
+    inner product. rho(T) is the largest eigenvalue of T (module docstring), so
+    rho(T) >= 1 iff max_M <M, (eta^2 N - eta L) M> >= 0 iff eta mu_max >= 1, where
+    mu_max = max_M <M, N M> / <M, L M> is the top eigenvalue of L^(-1/2) N L^(-1/2):
+
+        eta_c = 1 / mu_max,   rho(T) < 1 for every eta < eta_c and >= 1 above.
+
+    So rho(T) = 1 has exactly one positive root, found by one Lanczos run (relative
+    accuracy ``rel_tol`` on mu_max, hence on eta_c) instead of a bisection over rho(T).
+    None when mu_max <= 0 (a sampling whose noise is not a covariance, B < 1).
+    """
+    G, mu = _symmetrised(cc, q)
+    m, _, r = G.shape
+    root = (mu[:, None] + mu[None, :]).rsqrt()  # L^(-1/2), entrywise
+    hh = torch.outer(mu, mu) * (1.0 - b)
+    noise = _noise_product(G)
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        X = v.reshape(r, r)
+        M = root * (0.5 * (X + X.T))
+        return (root * (hh * M + (a / m) * noise(M))).reshape(-1)
+
+    start = torch.diag((2.0 * mu).sqrt())  # L^(1/2) I: the fixed point of T at eta = 0
+    res = lanczos(matvec, start.reshape(-1), tol=max(rel_tol, 1e-15),
+                  max_iter=min(r * (r + 1) // 2, 500), stop="value")  # fmt: skip
+    top = float(res.value)
+    return 1.0 / top if top > 0 else None
+
+
+def _critical_lr_diagonal(D: torch.Tensor, a: float, b: float, q: float) -> float:
+    """Closed form without momentum: each coordinate's (1 - eta mu)^2 + eta^2 nu equals 1 at
+    eta = 2 mu / (mu^2 + nu) (mu = H_aa P_aa, nu = P_aa^2 (a mean_i D_ia^2 - b H_aa^2)), and
+    rho(T) is their maximum (module docstring), so eta_c is the smallest of these."""
+    Hm = D.mean(0)
+    P = 1.0 + q * Hm
+    mu = Hm * P
+    nu = P**2 * (a * (D**2).mean(0) - b * Hm**2)
+    return float((2.0 * mu / (mu**2 + nu)).min())
 
 
 def _rate(
@@ -381,24 +448,41 @@ def critical_lr_exact(
 ) -> float:
     """Learning rate eta at which rho(T) = 1: the exact mean-square critical learning rate.
 
-    The bracket is (0, eta_GD] with eta_GD the full-batch GD limit 2 (1 + beta) /
-    (lambda_1 (1 + (rho/alpha) lambda_1)) (MATH.md §4): at eta_GD the mean part alone has
-    rho(J kron J) >= 1 and T dominates it on the PSD cone, while rho(T) < 1 for small eta.
-    Bisection to relative tolerance ``rel_tol``; a :class:`NonMonotoneRateWarning` is issued
-    when rho(T) crosses 1 more than once on a 17-point grid of the bracket. ``inf`` for
-    zero curvature.
+    Without momentum (SGD and SAM, both samplings) this is one eigenproblem, not a search:
+    T(eta) = I - eta L + eta^2 N with self-adjoint L > 0 and N, so rho(T) = 1 has the single
+    root eta_c = 1 / lambda_max(L^(-1/2) N L^(-1/2)) (derivation in
+    :func:`_critical_lr_self_adjoint`), solved by Lanczos to relative accuracy ``rel_tol``
+    (closed form for diagonal curvature). Measured on a 64-example probe Gram of a digits
+    MLP (C = 10, r = 576, one thread): about 2 s (``benchmarks/bench_dynamics.py``).
+
+    With momentum the bracket is (0, eta_GD] with eta_GD the full-batch GD limit
+    2 (1 + beta) / (lambda_1 (1 + (rho/alpha) lambda_1)) (docs/theory.md §4): at eta_GD the
+    mean part alone has rho(J kron J) >= 1 and T dominates it on the PSD cone, while
+    rho(T) < 1 for small eta. Bisection to relative tolerance ``rel_tol``, each rho(T) to
+    a tenth of it; a :class:`NonMonotoneRateWarning` is issued when rho(T) crosses 1 more
+    than once on a 17-point grid of the bracket. ``inf`` for zero curvature.
     """
     cc, _, b, n, sampling = _validate(curvature, 1.0, batch_size, n, sampling, kind)
     beta = check_momentum(momentum)
     q = _sam_q(sam_rho, sam_alpha)
+    rel_tol = check_positive("rel_tol", rel_tol)
     if cc.rank == 0:
         return math.inf
+    a, bb = sampling_coefficients(b, n, sampling)
+    if beta == 0.0:
+        if cc.diagonal is not None:
+            used = cc.diagonal[:, cc.diagonal.max(0).values > 0]
+            return _critical_lr_diagonal(used, a, bb, q)
+        eta = _critical_lr_self_adjoint(cc, a, bb, q, rel_tol)
+        if eta is not None:
+            return eta
     lam = float(torch.linalg.eigvalsh(cc.mean_hessian())[-1])
     hi = 2.0 * (1.0 + beta) / (lam * (1.0 + q * lam)) * (1.0 + 1e-9)
     lo = hi * 1e-9
+    inner = max(0.1 * rel_tol, 1e-12)  # the eigensolver need not beat the bisection
 
     def f(eta: float) -> float:
-        return _rate(cc, eta, b, n, sampling, beta, q, "auto", 1e-12)
+        return _rate(cc, eta, b, n, sampling, beta, q, "auto", inner)
 
     if f(lo) >= 1.0:
         return lo

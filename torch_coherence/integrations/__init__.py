@@ -4,7 +4,9 @@
 * :class:`CoherenceTrainerCallback` (:mod:`.transformers`): ``transformers.Trainer``
   (``pip install "torch-coherence[hf]"``);
 * :class:`CoherenceMonitor` (:mod:`.monitor`): a plain PyTorch loop;
-* :mod:`.tensorboard`: the TensorBoard output all three share.
+* :mod:`.tensorboard`: the TensorBoard output all three share;
+* :mod:`.distributed`: the probe under FSDP2 (``fully_shard``) and DDP, the Gram split over
+  the ranks and summed by one all-reduce.
 
 The two callbacks are imported on first access, so that the monitor never imports
 Lightning or transformers.

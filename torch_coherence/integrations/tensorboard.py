@@ -272,10 +272,8 @@ class TensorBoardLog:
         self.write_scalars(scalars, result.step)
         for note in self.notes(non_finite, result.step):
             self.writer.add_text(self.prefix + NOTES_TAG, note, result.step)
-        for msg in result.messages:
+        for msg in result.messages:  # a failed probe's message included
             self.writer.add_text(self.prefix + WARNINGS_TAG, msg, result.step)
-        if result.error is not None:
-            self.writer.add_text(self.prefix + WARNINGS_TAG, result.error, result.step)
 
     def write_phase_plane(self, history: list[dict[str, Any]], report: Any, step: int) -> None:
         """The (B, eta) phase-plane figure as an image (nothing before the first report)."""

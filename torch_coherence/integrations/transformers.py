@@ -36,11 +36,10 @@ broadcasts the result, every rank commits it, as the Lightning callback does und
 
 Limits: the causal-LM loss is a per-sample callable, whose output Hessian the engine forms
 by autodiff on the T x V logits of a sequence: fine for small vocabularies and sequences
-(the tests), out of reach for a real vocabulary. Per-sample Jacobians run under
-``torch.func.vmap``, which rejects the data-dependent attention-mask code of HF's ``sdpa``
-attention: a probe batch without padding (the mask is dropped when it is all ones) works
-with any attention, a padded one needs ``attn_implementation="eager"`` (GPT-2) or the
-probe fails with a warning and training goes on.
+(the tests), out of reach for a real vocabulary until the engine takes the per-sequence
+cross-entropy on (m, T, V) logits in closed form. The probe's inputs carry explicit
+position ids and a 4-D attention mask (:func:`draw_probe`), which models that build their
+own masks differently may not accept; then pass ``probe=`` and ``forward_fn=``.
 """
 
 from __future__ import annotations
@@ -79,6 +78,7 @@ __all__ = [
     "causal_lm_loss",
     "draw_probe",
     "infer_loss",
+    "is_causal_lm",
     "logits_forward",
 ]
 
@@ -121,7 +121,7 @@ def infer_loss(model: nn.Module, targets: torch.Tensor) -> Any:
         ValueError: the model is neither a causal LM nor a sequence classifier.
     """
     name = type(model).__name__
-    if name in _class_names("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES") or name.endswith("ForCausalLM"):
+    if is_causal_lm(model):
         return causal_lm_loss
     if name.endswith("ForSequenceClassification") or name in _class_names(
         "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"
@@ -146,15 +146,23 @@ def infer_loss(model: nn.Module, targets: torch.Tensor) -> Any:
     raise ValueError(missing_loss_message("CoherenceTrainerCallback", where))
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether the model is a causal language model (by its class, as ``AutoModel`` maps)."""
+    name = type(model).__name__
+    return name in _class_names("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES") or name.endswith("ForCausalLM")
+
+
 def draw_probe(
     dataset: Any, collate: Callable[[list[Any]], Any], size: int, seed: int, model: nn.Module
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """``size`` samples (seeded, without replacement), collated; inputs and ``labels``.
 
-    Explicit ``position_ids`` are added when the model takes them (the positions the model
-    would use; per-sample Jacobians need the batch axis on every input), and an all-ones
-    ``attention_mask`` is dropped (equivalent, and it avoids the mask code ``vmap``
-    rejects).
+    Two inputs are made explicit so that per-sample Jacobians (``torch.func.vmap``) go
+    through the model: ``position_ids`` (the positions the model uses by default,
+    0..T-1, with the batch axis every input needs) when the model takes them, and the
+    attention mask as the 4-D additive mask the model would build (causal for a causal
+    LM, key padding from the collated ``attention_mask``): HF models use a 4-D mask as
+    given, skipping the data-dependent mask code that ``vmap`` rejects.
     """
     n = len(dataset)
     if n < 1:
@@ -169,13 +177,20 @@ def draw_probe(
         )
     targets = batch.pop("labels")
     inputs = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
-    mask = inputs.get("attention_mask")
-    if mask is not None and bool(mask.bool().all()):
-        del inputs["attention_mask"]
     ids = inputs.get("input_ids")
-    takes_positions = "position_ids" in inspect.signature(model.forward).parameters
-    if ids is not None and ids.dim() == 2 and takes_positions and "position_ids" not in inputs:
-        inputs["position_ids"] = torch.arange(ids.shape[1]).repeat(ids.shape[0], 1)
+    if ids is None or ids.dim() != 2:
+        return inputs, targets
+    m, T = ids.shape
+    params = inspect.signature(model.forward).parameters
+    if "position_ids" in params and "position_ids" not in inputs:
+        inputs["position_ids"] = torch.arange(T).repeat(m, 1)
+    keys = inputs.get("attention_mask", torch.ones(m, T)).bool()
+    allowed = keys[:, None, None, :].expand(m, 1, T, T)
+    if is_causal_lm(model):
+        allowed = allowed & torch.ones(T, T, dtype=torch.bool).tril()
+    dtype = next(model.parameters()).dtype
+    mask = torch.zeros(m, 1, T, T, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+    inputs["attention_mask"] = mask
     return inputs, targets
 
 
@@ -251,11 +266,11 @@ class CoherenceTrainerCallback(TrainerCallback):
         """Probe data, loss, n, B, TensorBoard, loss hook; then the pre-flight probe."""
         trainer = _calling_trainer()
         self._trainer = trainer
-        model = kwargs.get("model") or trainer.model
+        model = _first(kwargs.get("model"), trainer.model)
         loader = kwargs.get("train_dataloader")
-        dataset = getattr(loader, "dataset", None) or trainer.train_dataset
+        dataset = _first(getattr(loader, "dataset", None), trainer.train_dataset)
         if not self.probe.has_probe:
-            collate = getattr(loader, "collate_fn", None) or trainer.data_collator
+            collate = _first(getattr(loader, "collate_fn", None), trainer.data_collator)
             self.probe.set_probe(
                 draw_probe(dataset, collate, self.probe.probe_size, self.probe.seed, model)
             )
@@ -277,7 +292,8 @@ class CoherenceTrainerCallback(TrainerCallback):
         self._losses = []
         self.probe.steps = int(state.global_step)
         self.probe.start()
-        self.run_probe(args, state, control, kwargs.get("optimizer"), kwargs.get("lr_scheduler"))
+        optimizer = _unwrap(kwargs.get("optimizer"))
+        self.run_probe(args, state, control, optimizer, kwargs.get("lr_scheduler"))
         return control
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
@@ -306,7 +322,7 @@ class CoherenceTrainerCallback(TrainerCallback):
         self.probe.steps = int(state.global_step)
         losses, self._losses = self._losses, []
         loss = torch.stack(losses).float().mean() if losses else None
-        optimizer = kwargs.get("optimizer")
+        optimizer = _unwrap(kwargs.get("optimizer"))
         if optimizer is not None:
             self.probe.observe(loss, effective_optimizer_params(optimizer)["lr"])
         if self.probe.due():
@@ -319,7 +335,7 @@ class CoherenceTrainerCallback(TrainerCallback):
         """Probe now: rank zero measures, every rank commits the broadcast result."""
         assert self._trainer is not None and self._effective_batch is not None
         if optimizer is None:
-            optimizer = self._trainer.optimizer
+            optimizer = _unwrap(self._trainer.optimizer)
         model = self._trainer.model
         result = None
         if state.is_world_process_zero:
@@ -349,11 +365,21 @@ class CoherenceTrainerCallback(TrainerCallback):
         notes = self._notes(non_finite, result.step)
         if notes:
             logs[NOTES_TAG] = "\n".join(notes)
-        messages = [*result.messages, *([result.error] if result.error else [])]
-        if messages:
-            logs[WARNINGS_TAG] = "\n".join(messages)
+        if result.messages:
+            logs[WARNINGS_TAG] = "\n".join(result.messages)
         if logs:
             self._trainer.log(logs)
+
+
+def _first(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def _unwrap(optimizer: Any) -> Any:
+    """The torch optimizer inside accelerate's ``AcceleratedOptimizer`` (same param groups)."""
+    if type(optimizer).__name__ == "AcceleratedOptimizer":
+        return optimizer.optimizer
+    return optimizer
 
 
 def _calling_trainer() -> Trainer:

@@ -50,12 +50,14 @@ class Piece:
         d: ghost output gradient (m, R, T, o); None for rows.
         rows: materialised per-sample gradient rows (m, R, P); None for a ghost pair.
         index: whether ``a`` holds embedding ids (inner product = equality of ids).
+        key: the recorded computation inside the module it belongs to (set by the engine).
     """
 
     a: torch.Tensor | None = None
     d: torch.Tensor | None = None
     rows: torch.Tensor | None = None
     index: bool = False
+    key: str = ""
 
 
 class LayerRule(Protocol):
@@ -100,4 +102,4 @@ def with_ones(a: torch.Tensor, with_weight: bool, with_bias: bool) -> torch.Tens
     return a
 
 
-from . import conv, embedding, linear, norm  # noqa: E402,F401  (registration)
+from . import attention, conv, embedding, linear, norm  # noqa: E402,F401  (registration)

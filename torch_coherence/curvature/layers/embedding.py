@@ -4,9 +4,10 @@ Tokens equal to ``padding_idx`` get no gradient (mapped to id -1, which matches 
 Not covered: ``max_norm`` (renormalises the weight in place during the forward) and
 ``scale_grad_by_freq`` (the gradient depends on the whole batch's token counts). An embedding
 called on ids without the sample axis (positional embeddings of ``torch.arange(T)``) has one
-output shared by every sample: a call whose ids do not start with the probe's m samples is
-declined; when T = m the shape cannot tell, and the self-check (:mod:`..selfcheck`) sends the
-block to the fallback.
+output shared by every sample; when it is added to a per-sample tensor the engine records the
+addition with the output expanded to the sample axis (``gram._ReadWatch``), which makes the
+call an ordinary batched one. Used any other way, a call whose ids do not start with the
+probe's m samples is declined, and when T = m the self-check (:mod:`..selfcheck`) finds it.
 """
 
 from __future__ import annotations

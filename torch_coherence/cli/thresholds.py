@@ -1,21 +1,15 @@
-"""The ``torch-coherence`` command line.
-
-Each sub-command lives in a small ``_add_<name>`` function that registers its parser and
-handler; :data:`SUBCOMMANDS` lists them, so adding a command is one function and one line.
-"""
+"""``torch-coherence thresholds``: the stability report for given sharpness, sigma, lr, B, n."""
 
 from __future__ import annotations
 
 import argparse
-import sys
-from collections.abc import Callable, Sequence
 
-__all__ = ["build_parser", "main"]
+from ..theory import stability_report
+
+__all__ = ["add_thresholds"]
 
 
 def _run_thresholds(args: argparse.Namespace) -> int:
-    from .theory import stability_report
-
     rep = stability_report(
         args.sharpness,
         args.sigma,
@@ -50,7 +44,7 @@ def _run_thresholds(args: argparse.Namespace) -> int:
     return 2 if rep.unstable and args.fail_if_unstable else 0
 
 
-def _add_thresholds(sub: argparse._SubParsersAction) -> None:
+def add_thresholds(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "thresholds",
         help="stability thresholds and margins for given sharpness, sigma, lr, B, n",
@@ -69,39 +63,3 @@ def _add_thresholds(sub: argparse._SubParsersAction) -> None:
         "--fail-if-unstable", action="store_true", help="exit with status 2 when unstable"
     )
     p.set_defaults(func=_run_thresholds)
-
-
-#: Sub-command registrars, in the order ``--help`` lists them.
-SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_thresholds]
-SUBCOMMANDS.append(__import__("torch_coherence.demo", fromlist=["add_demo"]).add_demo)
-SUBCOMMANDS.append(
-    __import__("torch_coherence.dynamics.cli", fromlist=["add_reproduce"]).add_reproduce
-)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser with every sub-command registered."""
-    parser = argparse.ArgumentParser(
-        prog="torch-coherence",
-        description="Hessian coherence, sharpness and SGD stability margins.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-    for add in SUBCOMMANDS:
-        add(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``torch-coherence`` console script."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, TypeError) as err:
-        print(f"torch-coherence {args.command}: error: {err}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -1,0 +1,502 @@
+"""Blow-up grid: which criterion, evaluated before the first step, predicts real blow-ups?
+
+Three setups, each resumed from a checkpoint of 300 SGD steps (B = 32):
+
+* ``mlp``: scikit-learn's bundled digits (n = 1797, no download), MLP 64-64-64-10 (tanh),
+  cross-entropy, plain SGD;
+* ``cnn``: the same digits as 1x8x8 images, conv8-pool-conv16-linear (ReLU), cross-entropy,
+  SGD with heavy-ball momentum 0.9 (the momentum buffers are part of the checkpoint);
+* ``mse``: a synthetic teacher (n = 1024, 8 inputs, a random 8-16-1 tanh network plus noise
+  of s.d. 0.1), student MLP 8-64-64-1 (tanh), mean squared error, plain SGD.
+
+For each setup and batch size B in {8, 32, 128} the script first finds the empirical
+blow-up lr ``lr*`` by bisection on real runs (3 calibration seeds, blown up when at least
+2 of 3 blow up; 4 bisection steps in log2 after bracketing from 2(1 + beta)/lambda_1 of the
+full training loss), then runs the grid: lr in {0.25, 0.5, 0.8, 1.25, 2, 4} x lr*, 5
+seeds, 300 steps each from the checkpoint. A run **blows up** at step t when its mini-batch
+loss at w_t is non-finite or the mean of the last ceil(32 / B) mini-batch losses exceeds 10x
+the full training loss at the checkpoint (the window keeps B = 8 batch noise from counting).
+
+Every criterion is evaluated at a pre-flight probe at step 0, at the checkpoint weights:
+
+* ``T1 probe``: Theorem 1 margin > 1 (``stability_report``) with the Hessian sharpness and
+  ``sigma_full`` of ``measure_curvature`` on a 64-example probe;
+* ``T1 full``: the same with the Hessian sharpness of the whole training loss;
+* ``rho(T) > 1`` (``mean_square_rate`` on the probe's Gram, ``tol=1e-4``) and ``gamma > 0``
+  (``lyapunov_exponent``, 300 steps x 8 repeats): only on the ``mse`` setup (Gram 64 x 64)
+  and seed 0 by default (``--linear-setups``, ``--linear-seeds``): on the cross-entropy
+  setups the Gram is 640 x 640 and one rho(T) took over 150 s at load 11;
+* ``BS >= 2(1+beta)/lr``: batch sharpness over 10 mini-batches of size B;
+* ``LA k, c x``: the empirical lookahead with k steps (k in 5, 10, 20) at multiples
+  (1, 2, 4): warns when the short run at c x lr blew up (``blowup_lr <= c lr``). The
+  lookahead's batches come from the probe's own generator (seeded per run, never the real
+  run's sampler); ``LA 10, 1x (real batches)`` uses the real run's first 10 batches instead,
+  to show whether the prediction depends on seeing them.
+
+Per setup and criterion: recall (blow-ups preceded by a warning), false alarms (warnings in
+runs that never blew up), lead time (blow-up step of the warned runs: the probe is at step
+0), and cost in training steps (criterion wall time / one training step of that setup and B).
+Then how close the lookahead's ``blowup_lr`` (refined by 3 bisections) came to ``lr*``.
+
+Run:  OMP_NUM_THREADS=1 python benchmarks/bench_warnings.py [--quick] [--seeds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+import torch_coherence as tc
+from torch_coherence.curvature.sharpness import hessian_sharpness
+from torch_coherence.lookahead import draw_batches, lookahead
+
+LR_FACTORS = (0.25, 0.5, 0.8, 1.25, 2.0, 4.0)
+BATCH_SIZES = (8, 32, 128)
+STEPS = 300
+BLOWUP = 10.0
+LA_STEPS = (5, 10, 20)
+LA_MULTIPLES = (1.0, 2.0, 4.0)
+PROBE = 64
+
+
+# --------------------------------------------------------------------------- setups
+
+
+@dataclass
+class Setup:
+    name: str
+    x: torch.Tensor
+    y: torch.Tensor
+    make: Callable[[], nn.Module]
+    loss: nn.Module
+    momentum: float
+    ckpt_lr: float
+    state: dict = field(default_factory=dict)
+    opt_state: dict = field(default_factory=dict)
+    loss0: float = math.nan
+
+    @property
+    def n(self) -> int:
+        return len(self.x)
+
+    def fresh(self, lr: float) -> tuple[nn.Module, torch.optim.Optimizer]:
+        model = self.make()
+        model.load_state_dict(self.state)
+        opt = torch.optim.SGD(model.parameters(), lr=self.ckpt_lr, momentum=self.momentum)
+        if self.opt_state:
+            opt.load_state_dict(_clone(self.opt_state))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        return model, opt
+
+
+def _clone(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: _clone(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clone(v) for v in obj]
+    return obj
+
+
+def _digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return torch.tensor(d.data / 16.0, dtype=torch.float32), torch.tensor(d.target)
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)
+    )
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 10),
+    )
+
+
+def _student() -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 1)
+    )
+
+
+def _teacher_data() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(42)
+    x = torch.randn(1024, 8, generator=g)
+    w1 = torch.randn(8, 16, generator=g) / math.sqrt(8)
+    w2 = torch.randn(16, 1, generator=g) / math.sqrt(16) * 2
+    y = torch.tanh(x @ w1) @ w2 + 0.1 * torch.randn(1024, 1, generator=g)
+    return x, y
+
+
+def build_setups(names: list[str]) -> list[Setup]:
+    x, y = _digits()
+    all_setups = {
+        "mlp": Setup("mlp", x, y, _mlp, nn.CrossEntropyLoss(), 0.0, 0.1),
+        "cnn": Setup("cnn", x.view(-1, 1, 8, 8), y, _cnn, nn.CrossEntropyLoss(), 0.9, 0.01),
+        "mse": Setup("mse", *_teacher_data(), _student, nn.MSELoss(), 0.0, 0.05),
+    }
+    out = []
+    for name in names:
+        s = all_setups[name]
+        torch.manual_seed(0)
+        model = s.make()
+        opt = torch.optim.SGD(model.parameters(), lr=s.ckpt_lr, momentum=s.momentum)
+        for xb, yb in draw_batches((s.x, s.y), 32, 300, torch.Generator().manual_seed(1)):
+            opt.zero_grad()
+            s.loss(model(xb), yb).backward()
+            opt.step()
+        s.state = _clone(model.state_dict())
+        s.opt_state = _clone(opt.state_dict()) if s.momentum else {}
+        with torch.no_grad():
+            s.loss0 = float(s.loss(model(s.x), s.y))
+        out.append(s)
+    return out
+
+
+# --------------------------------------------------------------------------- real runs
+
+
+def real_run(s: Setup, lr: float, b: int, seed: int, steps: int = STEPS):
+    """(blow-up step or None, seconds, steps taken) of one real run from the checkpoint."""
+    model, opt = s.fresh(lr)
+    batches = draw_batches((s.x, s.y), b, steps, torch.Generator().manual_seed(10_000 + seed))
+    window = deque(maxlen=math.ceil(32 / b))
+    t0 = time.perf_counter()
+    for t, (xb, yb) in enumerate(batches):
+        opt.zero_grad()
+        loss = s.loss(model(xb), yb)
+        v = float(loss.detach())
+        window.append(v)
+        if not math.isfinite(v) or sum(window) / len(window) > BLOWUP * s.loss0:
+            return t, time.perf_counter() - t0, t
+        loss.backward()
+        opt.step()
+    return None, time.perf_counter() - t0, steps
+
+
+def blows(s: Setup, lr: float, b: int, seeds=(100, 101, 102)) -> bool:
+    hits = 0
+    for i, seed in enumerate(seeds):
+        hits += real_run(s, lr, b, seed)[0] is not None
+        if hits * 2 > len(seeds) or (hits + len(seeds) - i - 1) * 2 <= len(seeds):
+            break
+    return hits * 2 > len(seeds)
+
+
+def find_blowup_lr(s: Setup, b: int, start: float, bisections: int) -> float:
+    lo, hi = None, None
+    lr = start
+    for _ in range(12):
+        if blows(s, lr, b):
+            hi = lr
+            if lo is not None:
+                break
+            lr /= 2
+        else:
+            lo = lr
+            if hi is not None:
+                break
+            lr *= 2
+    if lo is None or hi is None:
+        raise RuntimeError(f"{s.name} B={b}: no bracket for the blow-up lr")
+    for _ in range(bisections):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (lo, mid) if blows(s, mid, b) else (mid, hi)
+    return math.sqrt(lo * hi)
+
+
+# --------------------------------------------------------------------------- criteria
+
+
+def full_sharpness(s: Setup) -> tuple[float, float]:
+    model, _ = s.fresh(0.0)
+    model.eval()
+    t0 = time.perf_counter()
+    res = hessian_sharpness(lambda: s.loss(model(s.x), s.y), list(model.parameters()), tol=1e-4)
+    return res.value, time.perf_counter() - t0
+
+
+def probe_curvature(s: Setup, seed: int):
+    model, _ = s.fresh(0.0)
+    idx = torch.randperm(s.n, generator=torch.Generator().manual_seed(500 + seed))[:PROBE]
+    t0 = time.perf_counter()
+    rep = tc.measure_curvature(model, s.x[idx], s.y[idx], s.loss, n=s.n, seed=seed)
+    return rep, time.perf_counter() - t0
+
+
+def probe_sigma(rep) -> float:
+    return rep.sigma_full if rep.sigma_full is not None else rep.stats.sigma
+
+
+def gd_limit(lr: float, beta: float) -> float:
+    return 2 * (1 + beta) / lr
+
+
+@dataclass
+class Run:
+    setup: str
+    b: int
+    factor: float
+    seed: int
+    blowup_step: int | None
+    warn: dict[str, bool]
+    cost: dict[str, float]  # seconds
+    blowup_lr: float = math.nan
+
+
+def la_rules(res, k: int, tag: str = "") -> tuple[dict[str, bool], float]:
+    warn = {}
+    for c in LA_MULTIPLES[:2]:
+        warn[f"LA {k}, {c:g}x{tag}"] = res.blowup_lr <= c * res.lr * (1 + 1e-12)
+    return warn, res.seconds
+
+
+def evaluate(s: Setup, b: int, lr_star: float, seeds: list[int], ks, ctx, args) -> list[Run]:
+    runs = []
+    for factor in args.factors:
+        lr = factor * lr_star
+        for seed in seeds:
+            warn, cost = {}, {}
+            rep, rep_s = ctx["probe"][seed]
+            for label, sharp in (("T1 probe", rep.hessian_sharpness), ("T1 full", ctx["lam"])):
+                r = tc.stability_report(sharp, probe_sigma(rep), lr, b, s.n, momentum=s.momentum)
+                warn[label] = r.unstable
+            cost["T1 probe"] = rep_s
+            cost["T1 full"] = rep_s + ctx["lam_s"]
+            if ctx["linear"] and seed in ctx["linear_seeds"] and rep.gram is not None:
+                t0 = time.perf_counter()
+                rho = tc.mean_square_rate(rep.gram, lr, b, s.n, momentum=s.momentum, tol=1e-4)
+                warn["rho(T) > 1"], cost["rho(T) > 1"] = rho > 1, rep_s + time.perf_counter() - t0
+                if not args.no_gamma:
+                    t0 = time.perf_counter()
+                    gam = tc.lyapunov_exponent(
+                        rep.gram, lr, b, s.n, momentum=s.momentum, steps=300, repeats=8, seed=seed
+                    )
+                    warn["gamma > 0"] = gam.value > 0
+                    cost["gamma > 0"] = rep_s + time.perf_counter() - t0
+            bs, bs_s = ctx["bs"][(b, seed)]
+            warn["BS >= 2(1+beta)/lr"], cost["BS >= 2(1+beta)/lr"] = (
+                bs >= gd_limit(lr, s.momentum),
+                bs_s,
+            )
+            blowup_lr = math.nan
+            for k in ks:
+                model, opt = s.fresh(lr)
+                gen = torch.Generator().manual_seed(20_000 + 97 * seed + k)
+                la_batches = draw_batches((s.x, s.y), b, k, gen)
+                res = lookahead(
+                    model,
+                    opt,
+                    s.loss,
+                    la_batches,
+                    multiples=LA_MULTIPLES,
+                    refine=3 if k == max(ks) else 0,
+                )
+                w, sec = la_rules(res, k)
+                warn.update(w)
+                cost.update(dict.fromkeys(w, sec))
+                if k == max(ks):
+                    blowup_lr = res.blowup_lr
+            # the default rule: either of two short runs at the current lr, on independent
+            # draws of 5 and 10 batches, blew up
+            if 5 in ks and 10 in ks:
+                name = "LA 5 or LA 10, 1x (default)"
+                warn[name] = warn["LA 5, 1x"] or warn["LA 10, 1x"]
+                cost[name] = cost["LA 5, 1x"] + cost["LA 10, 1x"]
+                model, opt = s.fresh(lr)
+                gen = torch.Generator().manual_seed(30_000 + 97 * seed)
+                res = lookahead(
+                    model, opt, s.loss, draw_batches((s.x, s.y), b, 10, gen), multiples=(1.0,)
+                )
+                name = "LA 10 or LA 10', 1x"
+                warn[name] = warn["LA 10, 1x"] or res.predicted
+                cost[name] = cost["LA 10, 1x"] + res.seconds
+            if args.real_batches:
+                model, opt = s.fresh(lr)
+                real = draw_batches((s.x, s.y), b, 10, torch.Generator().manual_seed(10_000 + seed))
+                res = lookahead(model, opt, s.loss, real, multiples=(1.0,))
+                warn["LA 10, 1x (real batches)"] = res.predicted
+                cost["LA 10, 1x (real batches)"] = res.seconds
+            step, secs, nsteps = real_run(s, lr, b, seed)
+            ctx["step_times"].append(secs / max(nsteps, 1))
+            runs.append(Run(s.name, b, factor, seed, step, warn, cost, blowup_lr))
+    return runs
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _pct(num: int, den: int) -> str:
+    return "n/a" if den == 0 else f"{100 * num / den:.0f}% ({num}/{den})"
+
+
+def table(runs: list[Run], step_time: dict[tuple[str, int], float]) -> list[str]:
+    names = list(dict.fromkeys(k for r in runs for k in r.warn))
+    lines = [
+        "| criterion | recall | false alarms | lead (median [min]) | cost (steps) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name in names:
+        rs = [r for r in runs if name in r.warn]
+        blown = [r for r in rs if r.blowup_step is not None]
+        calm = [r for r in rs if r.blowup_step is None]
+        hit = [r for r in blown if r.warn[name]]
+        fa = sum(r.warn[name] for r in calm)
+        leads = [r.blowup_step for r in hit]
+        lead = f"{statistics.median(leads):.0f} [{min(leads)}]" if leads else "-"
+        costs = [r.cost[name] / step_time[(r.setup, r.b)] for r in rs]
+        lines.append(
+            f"| {name} | {_pct(len(hit), len(blown))} | {_pct(fa, len(calm))} | {lead} | "
+            f"{statistics.median(costs):.0f} |"
+        )
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="2-minute smoke run")
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--seed-offset", type=int, default=0, help="first seed (5: a held-out grid)")
+    p.add_argument("--setups", default="mlp,cnn,mse")
+    p.add_argument("--linear-seeds", type=int, default=1, help="seeds with rho(T) and gamma")
+    p.add_argument("--linear-setups", default="mse", help="setups with rho(T) and gamma")
+    p.add_argument("--no-gamma", action="store_true")
+    p.add_argument("--json", help="also write every run (criteria, blow-up step, costs) here")
+    p.add_argument("--no-real-batches", dest="real_batches", action="store_false")
+    args = p.parse_args()
+    batch_sizes, ks, bisections = BATCH_SIZES, LA_STEPS, 4
+    args.factors = LR_FACTORS
+    if args.quick:
+        args.seeds, batch_sizes, ks, bisections = 2, (32,), (5, 10), 2
+        args.factors, args.no_gamma = (0.5, 2.0), True
+    seeds = list(range(args.seed_offset, args.seed_offset + args.seeds))
+    t_start = time.perf_counter()
+    print(
+        f"# bench_warnings {' '.join(sys.argv[1:])}  threads={torch.get_num_threads()} "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} load={os.getloadavg()}",
+        flush=True,
+    )
+    setups = build_setups(args.setups.split(","))
+    all_runs: list[Run] = []
+    step_time: dict[tuple[str, int], float] = {}
+    calib = []
+    for s in setups:
+        lam, lam_s = full_sharpness(s)
+        probes = {seed: probe_curvature(s, seed) for seed in seeds}
+        for b in batch_sizes:
+            t0 = time.perf_counter()
+            lr_star = find_blowup_lr(s, b, gd_limit(1.0, s.momentum) / lam, bisections)
+            t_cal = time.perf_counter() - t0
+            bs = {}
+            for seed in seeds:
+                model, _ = s.fresh(0.0)
+                bb = draw_batches((s.x, s.y), b, 10, torch.Generator().manual_seed(700 + seed))
+                t1 = time.perf_counter()
+                bs[(b, seed)] = (tc.batch_sharpness(model, s.loss, bb), time.perf_counter() - t1)
+            ctx = dict(
+                probe=probes,
+                lam=lam,
+                lam_s=lam_s,
+                bs=bs,
+                step_times=[],
+                linear_seeds=set(seeds[: args.linear_seeds]),
+                linear=s.name in args.linear_setups.split(","),
+            )
+            runs = evaluate(s, b, lr_star, seeds, ks, ctx, args)
+            step_time[(s.name, b)] = statistics.median(ctx["step_times"])
+            all_runs += runs
+            ratios = [r.blowup_lr / lr_star for r in runs if math.isfinite(r.blowup_lr)]
+            calib.append(
+                (s.name, b, lam, lr_star, bs, step_time[(s.name, b)], ratios, t_cal, probes)
+            )
+            print(
+                f"  {s.name} B={b}: lr*={lr_star:.4g} ({t_cal:.0f} s), grid done at "
+                f"{time.perf_counter() - t_start:.0f} s, load={os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
+    print("\n## Setups and empirical blow-up lr\n")
+    print(
+        "| setup | B | loss at ckpt | lambda_1 full | 2(1+beta)/lambda_1 | lr* | "
+        "BS (median) | 2(1+beta)/lr* | step (ms) | blowup_lr / lr* (median [range], n) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for name, b, lam, lr_star, bs, st, ratios, _, _ in calib:
+        s = next(x for x in setups if x.name == name)
+        rat = (
+            f"{statistics.median(ratios):.2f} [{min(ratios):.2f}, {max(ratios):.2f}], {len(ratios)}"
+            if ratios
+            else "-"
+        )
+        print(
+            f"| {name} | {b} | {s.loss0:.3f} | {lam:.4g} | {gd_limit(1, s.momentum) / lam:.4g} | "
+            f"{lr_star:.4g} | {statistics.median(v for v, _ in bs.values()):.4g} | "
+            f"{gd_limit(lr_star, s.momentum):.4g} | {1e3 * st:.2f} | {rat} |"
+        )
+    for s in setups:
+        runs = [r for r in all_runs if r.setup == s.name]
+        nb = sum(r.blowup_step is not None for r in runs)
+        print(f"\n## {s.name}: {len(runs)} runs, {nb} blew up\n")
+        print("\n".join(table(runs, step_time)))
+    print("\n## Blow-ups by lr / lr* (all setups and B)\n")
+    print("| lr / lr* | " + " | ".join(f"{f:g}" for f in args.factors) + " |")
+    print("| --- |" + " --- |" * len(args.factors))
+    for s in setups:
+        for b in batch_sizes:
+            row = []
+            for f in args.factors:
+                rs = [r for r in all_runs if r.setup == s.name and r.b == b and r.factor == f]
+                row.append(f"{sum(r.blowup_step is not None for r in rs)}/{len(rs)}")
+            print(f"| {s.name} B={b} | " + " | ".join(row) + " |")
+    print("\n## Per batch size (recall / false alarms)\n")
+    names = list(dict.fromkeys(k for r in all_runs for k in r.warn))
+    keys = [(s.name, b) for s in setups for b in batch_sizes]
+    print("| criterion | " + " | ".join(f"{n} B={b}" for n, b in keys) + " |")
+    print("| --- |" + " --- |" * len(keys))
+    for name in names:
+        cells = []
+        for key in keys:
+            rs = [r for r in all_runs if (r.setup, r.b) == key and name in r.warn]
+            bl = [r for r in rs if r.blowup_step is not None]
+            ok = [r for r in rs if r.blowup_step is None]
+            rec = sum(r.warn[name] for r in bl)
+            fa = sum(r.warn[name] for r in ok)
+            cells.append(f"{rec}/{len(bl)}, {fa}/{len(ok)}" if rs else "-")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(
+                {
+                    "runs": [asdict(r) for r in all_runs],
+                    "step_time": {f"{k[0]}/{k[1]}": v for k, v in step_time.items()},
+                    "lr_star": {f"{c[0]}/{c[1]}": c[3] for c in calib},
+                },
+                fh,
+            )
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s, load={os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
