@@ -43,7 +43,10 @@ def _events(path):
 
 def test_gpt2_metrics_go_through_the_trainers_logging(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
-    cb = CoherenceTrainerCallback(max_overhead=None, every_n_steps=2, probe_size=4)
+    # gamma off: the BERT tests run the default criterion; this one checks the LM path
+    cb = CoherenceTrainerCallback(
+        max_overhead=None, every_n_steps=2, probe_size=4, criterion="theorem1", lyapunov=False
+    )
     trainer = _train(tmp_path, tiny_gpt2(), "causal_lm", [cb], max_steps=2, logging_steps=1)
     assert cb.probe.loss is causal_lm_loss
     assert [h["step"] for h in cb.history] == [0, 2]  # pre-flight, then the schedule
@@ -56,7 +59,7 @@ def test_gpt2_metrics_go_through_the_trainers_logging(tmp_path, monkeypatch) -> 
     assert {"train/coherence/sigma", "train/readable/gd_ratio", "train/loss"} <= scalars
     assert [e.step for e in acc.Scalars("train/coherence/sigma")] == [0, 2]
     ours = {t for t in scalars if is_coherence_tag(t.removeprefix("train/"))}
-    assert len(ours) > 15
+    assert len(ours) > 12
     for tag in ours:  # every probe tag carries its description in the summary metadata
         name = tag.removeprefix("train/")
         assert acc.SummaryMetadata(tag).summary_description == describe(name) != name, tag
