@@ -157,3 +157,36 @@ def test_options_keyword_only_with_the_probes_names_and_defaults() -> None:
     monitor = list(inspect.signature(CoherenceMonitor).parameters)
     ours = [n for n in params if n in monitor]
     assert ours == [n for n in monitor if n in params]  # the monitor's order
+
+
+@pytest.mark.ddp
+def test_two_processes_rank_zero_measures_and_broadcasts(tmp_path) -> None:
+    """torchrun, 2 CPU processes (gloo): the same history on both ranks, training unaffected."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent / "hf_ddp_fit.py"
+    for out, extra in ((tmp_path, []), (tmp_path / "plain", ["--no-callback"])):
+        out.mkdir(exist_ok=True)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        cmd += ["--master_port", str(port), str(script), str(out), *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    h0 = json.loads((tmp_path / "history_0.json").read_text())
+    h1 = json.loads((tmp_path / "history_1.json").read_text())
+    assert [h["step"] for h in h0] == [0, 2, 4] and h0 == h1  # one broadcast result
+    assert h0[0]["batch_size"] == 8.0  # 4 per process x 2 processes
+    logged = json.loads((tmp_path / "log_history.json").read_text())
+    assert [e["step"] for e in logged if "coherence/sigma" in e] == [0, 2, 4]
+    probed = torch.load(tmp_path / "weights.pt")
+    plain = torch.load(tmp_path / "plain" / "weights.pt")
+    for key, value in plain.items():
+        assert torch.equal(value, probed[key]), key
