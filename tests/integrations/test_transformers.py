@@ -190,3 +190,18 @@ def test_two_processes_rank_zero_measures_and_broadcasts(tmp_path) -> None:
     plain = torch.load(tmp_path / "plain" / "weights.pt")
     for key, value in plain.items():
         assert torch.equal(value, probed[key]), key
+
+
+def test_adjust_lr_survives_the_lr_scheduler(tmp_path) -> None:
+    cb = CoherenceTrainerCallback(
+        max_overhead=None, every_n_steps=2, probe_size=8, on_unstable="adjust_lr"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CoherenceWarning)
+        trainer = _train(tmp_path, tiny_bert(), "single_label", [cb], learning_rate=500.0)
+    first, second = cb.history[0], cb.history[1]
+    assert first["step"] == 0 and first["lr"] == 500.0
+    # the pre-flight probe lowered the lr; the constant scheduler kept the lowered value
+    assert second["step"] == 2 and second["lr"] < 500.0
+    lrs = [g["lr"] for g in trainer.optimizer.param_groups]
+    assert trainer.lr_scheduler.base_lrs == pytest.approx(lrs)  # the last change, kept too
