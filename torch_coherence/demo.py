@@ -90,18 +90,25 @@ def _loss_trace() -> Any:
 
 
 def what_happened(losses: list[float], factor: float = BLOWUP_FACTOR) -> str:
-    """One sentence: did the run blow up (step, loss), spike and recover, or train calmly?"""
+    """One sentence: did the run blow up (step, loss; and did it recover), or not?
+
+    Blow-up is the benchmark's rule: a training loss non-finite or above ``factor`` times
+    the first step's loss.
+    """
     if not losses:
         return "no optimizer step was taken"
-    first = losses[0]
+    first, last = losses[0], losses[-1]
     for step, loss in enumerate(losses, start=1):
         if not math.isfinite(loss) or loss > factor * first:
-            return (
+            head = (
                 f"training blew up at optimizer step {step}: loss {loss:.3g} against "
                 f"{first:.3g} at the first step (non-finite or above {factor:g}x)"
             )
+            if math.isfinite(last) and last <= factor * first:
+                return f"{head}, then recovered to {last:.3g} by step {len(losses)}"
+            return head
     peak = max(range(len(losses)), key=losses.__getitem__)
-    ratio, last = losses[peak] / first if first > 0 else math.inf, losses[-1]
+    ratio = losses[peak] / first if first > 0 else math.inf
     if ratio > 2 and last < losses[peak] / 2:
         return (
             f"no blow-up: the loss spiked to {ratio:.2g}x its first value at step {peak + 1} "

@@ -27,10 +27,16 @@ def test_demo_quick(tmp_path, capsys) -> None:
     [
         ([2.0, 1.5, 1.0], "no blow-up: the loss went from 2 to 1"),
         ([1.0, 3.0, 0.5], "no blow-up: the loss spiked to 3x"),
-        ([1.0, 5.0, 11.0], "training blew up at optimizer step 3"),
+        ([1.0, 5.0, 11.0], "training blew up at optimizer step 3: loss 11 against 1 at"),
+        ([1.0, 11.0, 0.5], "training blew up at optimizer step 2: loss 11 against 1 at"),
         ([1.0, float("nan")], "training blew up at optimizer step 2"),
         ([], "no optimizer step"),
     ],
 )
 def test_what_happened_uses_the_benchmarks_blowup_rule(losses, start) -> None:
     assert what_happened(losses).startswith(start)
+
+
+def test_what_happened_says_when_a_blowup_recovered() -> None:
+    assert what_happened([1.0, 11.0, 0.5]).endswith("then recovered to 0.5 by step 3")
+    assert "recovered" not in what_happened([1.0, 11.0, float("inf")])
