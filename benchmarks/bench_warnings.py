@@ -294,9 +294,39 @@ def critical_lrs(s: Setup, b: int, lr_star: float, seeds: list[int], args) -> li
     return runs
 
 
+FACTORS = (3.0, 5.0, 10.0)  # lookahead thresholds scored by --lookahead-only
+
+
+def lookahead_only(s: Setup, b: int, lr_star: float, seeds: list[int], ks, ctx) -> list[Run]:
+    """Lookaheads at the current lr only, scored at several thresholds via ``peak_loss``."""
+    runs = []
+    for factor in LR_FACTORS:
+        lr = factor * lr_star
+        for seed in seeds:
+            warn, cost, ratio = {}, {}, {}
+            draws = [(k, 20_000 + 97 * seed + k) for k in LA_STEPS] + [(10, 30_000 + 97 * seed)]
+            for k, gseed in draws:
+                model, opt = s.fresh(lr)
+                batches = draw_batches((s.x, s.y), b, k, torch.Generator().manual_seed(gseed))
+                res = lookahead(model, opt, s.loss, batches, multiples=(1.0,))
+                tag = f"{k}'" if gseed >= 30_000 else f"{k}"
+                ratio[tag], cost[tag] = res.peak_loss[0] / res.loss_start, res.seconds
+            for f in FACTORS:
+                for tags in (("5",), ("10",), ("20",), ("5", "10"), ("10", "10'")):
+                    name = f"LA {' or '.join(tags)}, 1x, > {f:g}x"
+                    warn[name] = any(ratio[t] > f for t in tags)
+                    cost[name] = sum(cost[t] for t in tags)
+            step, secs, nsteps = real_run(s, lr, b, seed)
+            ctx["step_times"].append(secs / max(nsteps, 1))
+            runs.append(Run(s.name, b, factor, seed, step, warn, cost))
+    return runs
+
+
 def evaluate(s: Setup, b: int, lr_star: float, seeds: list[int], ks, ctx, args) -> list[Run]:
     if args.only_blowup_lr:
         return critical_lrs(s, b, lr_star, seeds, args)
+    if args.lookahead_only:
+        return lookahead_only(s, b, lr_star, seeds, ks, ctx)
     runs = []
     for factor in args.factors:
         lr = factor * lr_star
@@ -397,6 +427,28 @@ def table(runs: list[Run], step_time: dict[tuple[str, int], float]) -> list[str]
     return lines
 
 
+def blowup_lr_table(calib, all_runs: list[Run], factors) -> None:
+    print("\n## Lookahead blowup_lr / lr* (k = 20, multiples 1, 2, 4, refine = 4)\n")
+    print("| setup | " + " | ".join(f"lr = {f:g} lr*" for f in factors) + " | within 1.5x |")
+    print("| --- |" + " --- |" * (len(factors) + 1))
+    for name, b, _, lr_star, *_ in calib:
+        cells, close, total = [], 0, 0
+        for f in factors:
+            rat = [
+                r.blowup_lr / lr_star for r in all_runs if (r.setup, r.b, r.factor) == (name, b, f)
+            ]
+            fin = [x for x in rat if math.isfinite(x)]
+            close += sum(1 / 1.5 <= x <= 1.5 for x in fin)
+            total += len(rat)
+            cells.append(
+                f"{statistics.median(fin):.2f} [{min(fin):.2f}, {max(fin):.2f}]"
+                + (f" ({len(rat) - len(fin)} inf)" if len(fin) < len(rat) else "")
+                if fin
+                else f"inf ({len(rat)})"
+            )
+        print(f"| {name} B={b} | " + " | ".join(cells) + f" | {close}/{total} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2-minute smoke run")
@@ -410,6 +462,11 @@ def main() -> None:
         "--only-blowup-lr",
         action="store_true",
         help="only the k = 20 lookahead's blowup_lr against lr* (no criteria)",
+    )
+    p.add_argument(
+        "--lookahead-only",
+        action="store_true",
+        help="only lookaheads at the current lr, scored at thresholds 3, 5, 10x",
     )
     p.add_argument("--json", help="also write every run (criteria, blow-up step, costs) here")
     p.add_argument("--no-real-batches", dest="real_batches", action="store_false")
@@ -483,25 +540,8 @@ def main() -> None:
             f"{lr_star:.4g} | {statistics.median(v for v, _ in bs.values()):.4g} | "
             f"{gd_limit(lr_star, s.momentum):.4g} | {1e3 * st:.2f} | {rat} |"
         )
-    print("\n## Lookahead blowup_lr / lr* (k = 20, multiples 1, 2, 4, refine = 4)\n")
-    print("| setup | " + " | ".join(f"lr = {f:g} lr*" for f in args.factors) + " | within 1.5x |")
-    print("| --- |" + " --- |" * (len(args.factors) + 1))
-    for name, b, _, lr_star, *_ in calib:
-        cells, close, total = [], 0, 0
-        for f in args.factors:
-            rat = [
-                r.blowup_lr / lr_star for r in all_runs if (r.setup, r.b, r.factor) == (name, b, f)
-            ]
-            fin = [x for x in rat if math.isfinite(x)]
-            close += sum(1 / 1.5 <= x <= 1.5 for x in fin)
-            total += len(rat)
-            cells.append(
-                f"{statistics.median(fin):.2f} [{min(fin):.2f}, {max(fin):.2f}]"
-                + (f" ({len(rat) - len(fin)} inf)" if len(fin) < len(rat) else "")
-                if fin
-                else f"inf ({len(rat)})"
-            )
-        print(f"| {name} B={b} | " + " | ".join(cells) + f" | {close}/{total} |")
+    if not args.lookahead_only:
+        blowup_lr_table(calib, all_runs, args.factors)
     if args.only_blowup_lr:
         print(f"\ntotal {time.perf_counter() - t_start:.0f} s, load={os.getloadavg()}")
         return
