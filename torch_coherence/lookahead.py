@@ -65,7 +65,7 @@ PREDICTION_MULTIPLE = 1.0
 #: The validated default pre-flight rule (``docs/warnings.md``): two lookaheads at the current
 #: lr (``multiples=(1.0,)``) on independent draws of this many batches from the probe's
 #: generator; a blow-up predicted by either one predicts a blow-up of the real run.
-DEFAULT_STEPS = (5, 10)
+DEFAULT_STEPS = (10, 10)
 
 Batch = tuple[Any, Any]
 
