@@ -38,7 +38,14 @@ runs that never blew up), lead time (blow-up step of the warned runs: the probe 
 0), and cost in training steps (criterion wall time / one training step of that setup and B).
 Then how close the lookahead's ``blowup_lr`` (k = 20, ``refine=4``) came to ``lr*``.
 
+Modes: ``--lookahead-only`` scores only lookaheads at the current lr, at blow-up thresholds
+3, 5 and 10x (from ``LookaheadResult.peak_loss``) and with two independent draws;
+``--only-blowup-lr`` measures only the lookahead's ``blowup_lr`` against ``lr*``;
+``--seed-offset 5`` gives a held-out grid. The measured tables are in ``docs/warnings.md``.
+
 Run:  OMP_NUM_THREADS=1 python benchmarks/bench_warnings.py [--quick] [--seeds 5]
+          [--seed-offset 0] [--setups mlp,cnn,mse] [--lookahead-only | --only-blowup-lr]
+          [--json runs.json]
 """
 
 from __future__ import annotations

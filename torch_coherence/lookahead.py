@@ -27,7 +27,10 @@ bracket between the largest stable and the smallest unstable multiple is bisecte
 geometrically with the remaining runs. ``LookaheadResult.predicted`` is the
 blow-up prediction: the run at ``PREDICTION_MULTIPLE * lr`` (by default the current lr)
 blew up, i.e. ``blowup_lr <= PREDICTION_MULTIPLE * lr``. How often this is right on real
-training runs is measured by ``benchmarks/bench_warnings.py`` (``docs/warnings.md``).
+training runs is measured by ``benchmarks/bench_warnings.py`` (``docs/warnings.md``): the
+validated default is two lookaheads with ``multiples=(1.0,)`` on independent draws of
+``DEFAULT_STEPS = (10, 10)`` batches, a blow-up of either predicting one (recall 92-99%,
+false alarms 0-5% on three setups; testing 2x the lr gave 24-60% false alarms).
 
 The real run is left alone bit for bit: parameters, buffers, ``.grad``, optimizer state,
 train/eval flags and the torch (CPU and CUDA), numpy and Python RNG states are exactly as
