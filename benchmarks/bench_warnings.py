@@ -36,9 +36,16 @@ Every criterion is evaluated at a pre-flight probe at step 0, at the checkpoint 
 Per setup and criterion: recall (blow-ups preceded by a warning), false alarms (warnings in
 runs that never blew up), lead time (blow-up step of the warned runs: the probe is at step
 0), and cost in training steps (criterion wall time / one training step of that setup and B).
-Then how close the lookahead's ``blowup_lr`` (refined by 3 bisections) came to ``lr*``.
+Then how close the lookahead's ``blowup_lr`` (k = 20, ``refine=4``) came to ``lr*``.
+
+Modes: ``--lookahead-only`` scores only lookaheads at the current lr, at blow-up thresholds
+3, 5 and 10x (from ``LookaheadResult.peak_loss``) and with two independent draws;
+``--only-blowup-lr`` measures only the lookahead's ``blowup_lr`` against ``lr*``;
+``--seed-offset 5`` gives a held-out grid. The measured tables are in ``docs/warnings.md``.
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/bench_warnings.py [--quick] [--seeds 5]
+          [--seed-offset 0] [--setups mlp,cnn,mse] [--lookahead-only | --only-blowup-lr]
+          [--json runs.json]
 """
 
 from __future__ import annotations
@@ -68,6 +75,7 @@ BLOWUP = 10.0
 LA_STEPS = (5, 10, 20)
 LA_MULTIPLES = (1.0, 2.0, 4.0)
 PROBE = 64
+REFINE = 4  # extra short runs of the k = 20 lookahead that sharpen blowup_lr
 
 
 # --------------------------------------------------------------------------- setups
@@ -274,7 +282,58 @@ def la_rules(res, k: int, tag: str = "") -> tuple[dict[str, bool], float]:
     return warn, res.seconds
 
 
+def critical_lrs(s: Setup, b: int, lr_star: float, seeds: list[int], args) -> list[Run]:
+    """Only the k = 20 lookahead's refined ``blowup_lr`` (no criteria, no real runs)."""
+    runs = []
+    for factor in args.factors:
+        for seed in seeds:
+            model, opt = s.fresh(factor * lr_star)
+            gen = torch.Generator().manual_seed(20_000 + 97 * seed + 20)
+            res = lookahead(
+                model,
+                opt,
+                s.loss,
+                draw_batches((s.x, s.y), b, 20, gen),
+                multiples=LA_MULTIPLES,
+                refine=REFINE,
+            )
+            runs.append(Run(s.name, b, factor, seed, None, {}, {}, res.blowup_lr))
+    return runs
+
+
+FACTORS = (3.0, 5.0, 10.0)  # lookahead thresholds scored by --lookahead-only
+
+
+def lookahead_only(s: Setup, b: int, lr_star: float, seeds: list[int], ks, ctx) -> list[Run]:
+    """Lookaheads at the current lr only, scored at several thresholds via ``peak_loss``."""
+    runs = []
+    for factor in LR_FACTORS:
+        lr = factor * lr_star
+        for seed in seeds:
+            warn, cost, ratio = {}, {}, {}
+            draws = [(k, 20_000 + 97 * seed + k) for k in LA_STEPS] + [(10, 30_000 + 97 * seed)]
+            for k, gseed in draws:
+                model, opt = s.fresh(lr)
+                batches = draw_batches((s.x, s.y), b, k, torch.Generator().manual_seed(gseed))
+                res = lookahead(model, opt, s.loss, batches, multiples=(1.0,))
+                tag = f"{k}'" if gseed >= 30_000 else f"{k}"
+                ratio[tag], cost[tag] = res.peak_loss[0] / res.loss_start, res.seconds
+            for f in FACTORS:
+                for tags in (("5",), ("10",), ("20",), ("5", "10"), ("10", "10'")):
+                    name = f"LA {' or '.join(tags)}, 1x, > {f:g}x"
+                    warn[name] = any(ratio[t] > f for t in tags)
+                    cost[name] = sum(cost[t] for t in tags)
+            step, secs, nsteps = real_run(s, lr, b, seed)
+            ctx["step_times"].append(secs / max(nsteps, 1))
+            runs.append(Run(s.name, b, factor, seed, step, warn, cost))
+    return runs
+
+
 def evaluate(s: Setup, b: int, lr_star: float, seeds: list[int], ks, ctx, args) -> list[Run]:
+    if args.only_blowup_lr:
+        return critical_lrs(s, b, lr_star, seeds, args)
+    if args.lookahead_only:
+        return lookahead_only(s, b, lr_star, seeds, ks, ctx)
     runs = []
     for factor in args.factors:
         lr = factor * lr_star
@@ -313,7 +372,7 @@ def evaluate(s: Setup, b: int, lr_star: float, seeds: list[int], ks, ctx, args) 
                     s.loss,
                     la_batches,
                     multiples=LA_MULTIPLES,
-                    refine=3 if k == max(ks) else 0,
+                    refine=REFINE if k == max(ks) else 0,
                 )
                 w, sec = la_rules(res, k)
                 warn.update(w)
@@ -375,6 +434,28 @@ def table(runs: list[Run], step_time: dict[tuple[str, int], float]) -> list[str]
     return lines
 
 
+def blowup_lr_table(calib, all_runs: list[Run], factors) -> None:
+    print("\n## Lookahead blowup_lr / lr* (k = 20, multiples 1, 2, 4, refine = 4)\n")
+    print("| setup | " + " | ".join(f"lr = {f:g} lr*" for f in factors) + " | within 1.5x |")
+    print("| --- |" + " --- |" * (len(factors) + 1))
+    for name, b, _, lr_star, *_ in calib:
+        cells, close, total = [], 0, 0
+        for f in factors:
+            rat = [
+                r.blowup_lr / lr_star for r in all_runs if (r.setup, r.b, r.factor) == (name, b, f)
+            ]
+            fin = [x for x in rat if math.isfinite(x)]
+            close += sum(1 / 1.5 <= x <= 1.5 for x in fin)
+            total += len(rat)
+            cells.append(
+                f"{statistics.median(fin):.2f} [{min(fin):.2f}, {max(fin):.2f}]"
+                + (f" ({len(rat) - len(fin)} inf)" if len(fin) < len(rat) else "")
+                if fin
+                else f"inf ({len(rat)})"
+            )
+        print(f"| {name} B={b} | " + " | ".join(cells) + f" | {close}/{total} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2-minute smoke run")
@@ -384,6 +465,16 @@ def main() -> None:
     p.add_argument("--linear-seeds", type=int, default=1, help="seeds with rho(T) and gamma")
     p.add_argument("--linear-setups", default="mse", help="setups with rho(T) and gamma")
     p.add_argument("--no-gamma", action="store_true")
+    p.add_argument(
+        "--only-blowup-lr",
+        action="store_true",
+        help="only the k = 20 lookahead's blowup_lr against lr* (no criteria)",
+    )
+    p.add_argument(
+        "--lookahead-only",
+        action="store_true",
+        help="only lookaheads at the current lr, scored at thresholds 3, 5, 10x",
+    )
     p.add_argument("--json", help="also write every run (criteria, blow-up step, costs) here")
     p.add_argument("--no-real-batches", dest="real_batches", action="store_false")
     args = p.parse_args()
@@ -426,7 +517,8 @@ def main() -> None:
                 linear=s.name in args.linear_setups.split(","),
             )
             runs = evaluate(s, b, lr_star, seeds, ks, ctx, args)
-            step_time[(s.name, b)] = statistics.median(ctx["step_times"])
+            times = ctx["step_times"]
+            step_time[(s.name, b)] = statistics.median(times) if times else math.nan
             all_runs += runs
             ratios = [r.blowup_lr / lr_star for r in runs if math.isfinite(r.blowup_lr)]
             calib.append(
@@ -455,6 +547,11 @@ def main() -> None:
             f"{lr_star:.4g} | {statistics.median(v for v, _ in bs.values()):.4g} | "
             f"{gd_limit(lr_star, s.momentum):.4g} | {1e3 * st:.2f} | {rat} |"
         )
+    if not args.lookahead_only:
+        blowup_lr_table(calib, all_runs, args.factors)
+    if args.only_blowup_lr:
+        print(f"\ntotal {time.perf_counter() - t_start:.0f} s, load={os.getloadavg()}")
+        return
     for s in setups:
         runs = [r for r in all_runs if r.setup == s.name]
         nb = sum(r.blowup_step is not None for r in runs)

@@ -159,6 +159,8 @@ def test_blowup_lr_brackets_the_gd_threshold() -> None:
     # 10x growth of the top mode within 60 steps needs |1 - lr lambda| > 10^(1/120)
     assert lr_gd < res.blowup_lr < 1.05 * lr_gd
     assert not res.predicted
+    assert res.peak_loss[0] == pytest.approx(res.loss_start)  # GD at 0.5 lr_gd: loss falls
+    assert res.peak_loss[1] > 10 * res.loss_start and res.peak_loss[2] > 10 * res.loss_start
     res2 = lookahead(
         model,
         torch.optim.SGD(model.parameters(), lr=1.2 * lr_gd),
