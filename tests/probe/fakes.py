@@ -58,14 +58,24 @@ class ScriptedLookahead:
         self.calls.append(("draw", batch_size, steps, idx))
         return [dataset[int(i[0])] for i in idx]
 
-    def lookahead(self, model, optimizer, loss, batches, *, blowup_factor=10.0, forward_fn=None):
+    def lookahead(
+        self,
+        model,
+        optimizer,
+        loss,
+        batches,
+        *,
+        multiples=(1.0, 2.0, 4.0),
+        blowup_factor=10.0,
+        forward_fn=None,
+    ):
         if self.clock is not None:
             self.clock[0] += self.cost
         lr = max(float(g["lr"]) for g in optimizer.param_groups)
-        multiples = (1.0, 2.0, 4.0)
+        multiples = tuple(multiples)
         blew = tuple(m * lr >= self.blowup_lr for m in multiples)
         first = next((m * lr for m, b in zip(multiples, blew, strict=True) if b), math.inf)
-        self.calls.append(("lookahead", lr, len(batches), blowup_factor))
+        self.calls.append(("lookahead", lr, len(batches), blowup_factor, multiples))
         return LookaheadResult(
             lr=lr,
             multiples=multiples,

@@ -9,6 +9,7 @@ import warnings
 from types import SimpleNamespace
 
 import pytest
+import torch
 from probe.fakes import SHARP, SIGMA, B, N, ScriptedLookahead, collect, sgd
 from probe.fakes import scripted_probe as _probe
 from torch import nn
@@ -193,3 +194,36 @@ def test_the_lookahead_steps_one_real_optimizer() -> None:
     assert _single_optimizer(SimpleNamespace(_optimizer=accelerated)) is opt
     with pytest.raises(TypeError, match="one optimizer; this model trains with 2"):
         _single_optimizer(SimpleNamespace(optimizers=[opt, sgd(0.2)]))
+
+
+class _TwoDraws(ScriptedLookahead):
+    """The validated default: two draws of 10 steps; ``blows`` says which draw blows up at
+    the current lr (the fake's outcome depends on the draw, as real batch orders do)."""
+
+    DEFAULT_STEPS = (10, 10)
+
+    def __init__(self, blows: tuple[bool, bool]) -> None:
+        super().__init__()
+        self.blows = list(blows)
+
+    def lookahead(self, model, optimizer, loss, batches, *, multiples=(1.0,), **kw):
+        lr = max(float(g["lr"]) for g in optimizer.param_groups)
+        self.blowup_lr = lr if self.blows.pop(0) else 4 * lr
+        return super().lookahead(model, optimizer, loss, batches, multiples=multiples, **kw)
+
+
+@pytest.mark.parametrize(
+    ("blows", "predicted"),
+    [((False, False), False), ((True, False), True), ((False, True), True)],
+)
+def test_a_blowup_in_either_of_two_draws_predicts_one(blows, predicted) -> None:
+    la = _TwoDraws(blows)
+    lr = 0.5 * _crit()
+    seen: list = []
+    _probe(lookahead_module=la).run(nn.Linear(3, 2), sgd(lr), B, warn=collect(seen))
+    runs = [c for c in la.calls if c[0] == "lookahead"]
+    draws = [c for c in la.calls if c[0] == "draw"]
+    assert [c[2] for c in runs] == [10, 10]  # two short runs of 10 steps
+    assert [c[4] for c in runs] == [(1.0, 2.0, 4.0), (1.0,)]  # only the first brackets
+    assert not torch.equal(draws[0][3], draws[1][3])  # independent batch draws
+    assert (BlowupWarning in [c for _, c in seen]) is predicted

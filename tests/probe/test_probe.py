@@ -318,6 +318,10 @@ def test_mean_square_rate_gets_momentum_and_sam() -> None:
     g = torch.autograd.grad(per_sample_losses(loss, model(x), y).mean(), model.parameters())
     model.train()
     g2 = float(sum(t.double().square().sum() for t in g))
+    # the probe takes |g_m|^2 from the engine (1^T P 1 / m^2, no backward pass of its own):
+    # equal to this float32 backward pass up to float32 rounding
+    assert curv.mean_gradient_sq_norm == pytest.approx(g2, rel=1e-6)
+    g2 = curv.mean_gradient_sq_norm
     alpha = (g2 / (1 + curv.gradient_noise_scale / x.shape[0])) ** 0.5
     sam_rate, rep = rate_of(sam)
     assert rep.sam_rho == rho and rep.sam_alpha == pytest.approx(alpha, rel=1e-9)

@@ -51,6 +51,9 @@ LYAPUNOV_FIRST_SECONDS = 1.0
 #: Optimizer steps of the blow-up lookahead when :mod:`torch_coherence.lookahead` does not
 #: name its own default (``DEFAULT_STEPS``).
 LOOKAHEAD_STEPS = 10
+#: Multiples of the lr tried on the first lookahead draw, to bracket ``stability/blowup_lr``
+#: (only the current lr, multiple 1, decides the prediction).
+LOOKAHEAD_MULTIPLES = (1.0, 2.0, 4.0)
 #: Edge of stability: the sharpness within this fraction of the GD bound (or two standard
 #: errors of the sharpness estimate, whichever is larger) counts as "at" the bound.
 EOS_REL_TOL = 0.1
@@ -699,8 +702,10 @@ class CoherenceProbe:
         assessment.metrics["stability/blowup_lr"] = float(result.blowup_lr)
         return extras, updates
 
-    def _lookahead_steps(self, module: Any) -> int:
-        return int(getattr(module, "DEFAULT_STEPS", LOOKAHEAD_STEPS))
+    def _lookahead_steps(self, module: Any) -> tuple[int, ...]:
+        """k of each independent short-run draw (the module's validated ``DEFAULT_STEPS``)."""
+        steps = getattr(module, "DEFAULT_STEPS", (LOOKAHEAD_STEPS,))
+        return tuple(int(k) for k in (steps if isinstance(steps, (tuple, list)) else (steps,)))
 
     def _lookahead_cost(self, module: Any) -> float:
         """The last lookahead's cost, or before the first one an estimate from the training
@@ -708,26 +713,47 @@ class CoherenceProbe:
         if self._lookahead_seconds is not None:
             return self._lookahead_seconds
         per_step = self.schedule.training_seconds() / max(self.steps - self.schedule.t0_steps, 1)
-        return 2.0 * self._lookahead_steps(module) * 3 * per_step
+        steps = self._lookahead_steps(module)
+        runs = steps[0] * len(LOOKAHEAD_MULTIPLES) + sum(steps[1:])
+        return 2.0 * runs * per_step
 
     def _run_lookahead(self, module: Any, model: nn.Module, optimizer: Any, b: float) -> Any:
         """Real steps on a copy, on batches of B drawn with the probe's own generator
-        (seeded by the seed and the step: the same draw on every rank and every rerun)."""
-        steps = self._lookahead_steps(module)
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.steps)
+        (seeded by the seed, the step and the draw: the same on every rank and every rerun).
+
+        The validated rule (``docs/warnings.md``): one short run at the current lr on each of
+        ``DEFAULT_STEPS`` independent draws, a blow-up in either predicting one. The first
+        draw also tries :data:`LOOKAHEAD_MULTIPLES` of the lr, which brackets
+        ``stability/blowup_lr``; the result keeps the smallest blow-up lr over the draws, so
+        ``predicted`` is "either draw blew up at the current lr".
+        """
         size = max(1, min(round(b), len(self.train_dataset)))
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        results = []
         with _preserved(model):
-            batches = module.draw_batches(self.train_dataset, size, steps, gen)
-            batches = [(_data.to(x, device), _data.to(y, device)) for x, y in batches]
-            return module.lookahead(
-                model,
-                _single_optimizer(optimizer),
-                self.loss,
-                batches,
-                blowup_factor=self.policy.blowup_factor,
-                forward_fn=self.forward_fn,
-            )
+            for draw, steps in enumerate(self._lookahead_steps(module)):
+                gen = torch.Generator().manual_seed(
+                    (self.seed * 1_000_003 + self.steps) * 101 + draw
+                )
+                batches = module.draw_batches(self.train_dataset, size, steps, gen)
+                batches = [(_data.to(x, device), _data.to(y, device)) for x, y in batches]
+                results.append(
+                    module.lookahead(
+                        model,
+                        _single_optimizer(optimizer),
+                        self.loss,
+                        batches,
+                        multiples=LOOKAHEAD_MULTIPLES if draw == 0 else (1.0,),
+                        blowup_factor=self.policy.blowup_factor,
+                        forward_fn=self.forward_fn,
+                    )
+                )
+        first = results[0]
+        return replace(
+            first,
+            blowup_lr=min(r.blowup_lr for r in results),
+            seconds=sum(r.seconds for r in results),
+        )
 
     def _edge_of_stability(self, assessment: Assessment) -> float | None:
         """The sharpness tolerance when at the GD bound while the loss keeps falling."""
