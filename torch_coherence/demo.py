@@ -276,7 +276,7 @@ def add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--factor", type=float, default=2.0, help="second run: factor x the blow-up lr")
     p.add_argument("--batch-size", type=int, default=32, help="batch size")
     p.add_argument("--epochs", type=int, default=6, help="epochs per run")
-    p.add_argument("--every", type=int, default=15, help="probe every N optimizer steps")
+    p.add_argument("--every", type=int, default=50, help="probe every N optimizer steps")
     p.add_argument("--probe-size", type=int, default=256, help="examples in the probe batch")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
