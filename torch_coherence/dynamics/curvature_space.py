@@ -1,7 +1,7 @@
 r"""Per-sample curvature reduced to the coefficient space where the dynamics happen.
 
 Every SGD step w <- (I - (eta/B) sum_{i in batch} H_i) w is the identity on the orthogonal
-complement of V = range(H_1) + ... + range(H_m) and maps V into itself (MATH.md §5). So the
+complement of V = range(H_1) + ... + range(H_m) and maps V into itself (docs/theory.md §5). So the
 linearized dynamics can be studied on V alone, whose dimension r is at most m C (C rows per
 factor), however large the parameter count d is.
 
