@@ -82,7 +82,7 @@ def _from_gram(K: torch.Tensor, m: int, C: int, kind: str, rel: float) -> Coeffi
         raise ValueError(f"gram must be positive semidefinite, smallest eigenvalue {float(lam[0])}")
     keep = lam > _range_tol(top, m * C, rel)
     Up, lp = U[:, keep], lam[keep]
-    G = (Kf @ Up) / lp.sqrt()
+    G = Up * lp.sqrt()  # = K U_+ diag(lam_+)^(-1/2), since K U_+ = U_+ diag(lam_+)
     return CoefficientCurvature(G.reshape(m, C, -1), m, int(keep.sum()), None, kind)
 
 
