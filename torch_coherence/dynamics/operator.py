@@ -294,9 +294,12 @@ def _critical_lr_self_adjoint(
 
     So rho(T) = 1 has exactly one positive root, found by one Lanczos run (relative
     accuracy ``rel_tol`` on mu_max, hence on eta_c) instead of a bisection over rho(T).
-    None when mu_max <= 0 (a sampling whose noise is not a covariance, B < 1).
+    None (the caller then bisects) when mu_max <= 0 (a sampling whose noise is not a
+    covariance, B < 1) or when round-off left an eigenvalue of H at 0.
     """
     G, mu = _symmetrised(cc, q)
+    if float(mu.min()) <= 0.0:  # round-off left H singular on V: L is not invertible
+        return None
     m, _, r = G.shape
     root = (mu[:, None] + mu[None, :]).rsqrt()  # L^(-1/2), entrywise
     hh = torch.outer(mu, mu) * (1.0 - b)
