@@ -289,7 +289,7 @@ def test_large_d_factor_space_matrix_free():
 
 
 def test_probe_standing_for_larger_dataset_uses_n_in_noise_coefficient():
-    """mean over the probe, (1/B - 1/n) with the data-set n (MATH.md §5)."""
+    """mean over the probe, (1/B - 1/n) with the data-set n (docs/theory.md §5)."""
     D = torch.tensor([[1.0], [0.25], [0.25]], dtype=F64)
     n, b, lr = 30, 2, 1.5
     mean, sq = float(D.mean()), float((D**2).mean())
@@ -302,7 +302,7 @@ def test_probe_standing_for_larger_dataset_uses_n_in_noise_coefficient():
 
 
 def test_first_moment_counterexample_has_rate_above_one():
-    """MATH.md §4: n = 3, curvatures (1, 1/4, 1/4), B = 1, eta = 2.25: E j^2 = 1.28125."""
+    """docs/theory.md §4: n = 3, curvatures (1, 1/4, 1/4), B = 1, eta = 2.25: E j^2 = 1.28125."""
     D = torch.tensor([[1.0], [0.25], [0.25]], dtype=F64)
     assert mean_square_rate(D, 2.25, 1, kind="diagonal") == pytest.approx(1.28125, rel=1e-14)
     H = torch.diag_embed(D)

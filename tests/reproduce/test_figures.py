@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import math
 
 import numpy as np
 import pytest
 
 from torch_coherence import theory
-from torch_coherence.cli import main
 from torch_coherence.reproduce import FigureRun, figure_panels, phase_diagram, theorem_lines
 
 N = 100
@@ -86,16 +84,3 @@ def test_figures_draw_the_gamma_zero_contour(tmp_path, monkeypatch):
     assert "gamma = 0 (typical run)" in seen["legend"]
     assert "rho(T) = 1 (mean square)" in seen["legend"]
     assert 0.0 in seen["levels"] and 1.0 in seen["levels"]
-
-
-def test_reproduce_cli_writes_csvs_and_png(tmp_path, capsys):
-    assert main(["reproduce", "sam", "--sampling", "bernoulli", "--steps", "3",
-                 "--out", str(tmp_path)]) == 0  # fmt: skip
-    out = capsys.readouterr().out
-    assert "sam: 7500 cells simulated" in out
-    with (tmp_path / "sam.csv").open() as fh:
-        rows = list(csv.DictReader(fh))
-    assert len(rows) == 7500 and {r["optimizer"] for r in rows} == {"sgd", "sam", "noisy_sgd"}
-    with (tmp_path / "sam_agreement.csv").open() as fh:
-        assert len(list(csv.DictReader(fh))) == 3
-    assert (tmp_path / "sam.png").stat().st_size > 10_000

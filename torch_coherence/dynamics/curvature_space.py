@@ -1,7 +1,7 @@
 r"""Per-sample curvature reduced to the coefficient space where the dynamics happen.
 
 Every SGD step w <- (I - (eta/B) sum_{i in batch} H_i) w is the identity on the orthogonal
-complement of V = range(H_1) + ... + range(H_m) and maps V into itself (MATH.md §5). So the
+complement of V = range(H_1) + ... + range(H_m) and maps V into itself (docs/theory.md §5). So the
 linearized dynamics can be studied on V alone, whose dimension r is at most m C (C rows per
 factor), however large the parameter count d is.
 
@@ -82,7 +82,7 @@ def _from_gram(K: torch.Tensor, m: int, C: int, kind: str, rel: float) -> Coeffi
         raise ValueError(f"gram must be positive semidefinite, smallest eigenvalue {float(lam[0])}")
     keep = lam > _range_tol(top, m * C, rel)
     Up, lp = U[:, keep], lam[keep]
-    G = (Kf @ Up) / lp.sqrt()
+    G = Up * lp.sqrt()  # = K U_+ diag(lam_+)^(-1/2), since K U_+ = U_+ diag(lam_+)
     return CoefficientCurvature(G.reshape(m, C, -1), m, int(keep.sum()), None, kind)
 
 

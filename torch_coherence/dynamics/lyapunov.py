@@ -1,4 +1,4 @@
-r"""Typical-run stability of linearized SGD: the top Lyapunov exponent (MATH.md §4, §5, §7).
+r"""Typical-run stability of linearized SGD: the top Lyapunov exponent (docs/theory.md §4, §5, §7).
 
 Two different questions have two different answers:
 
@@ -22,7 +22,7 @@ E log X <= log E X: for every k,
 (Pi_k = J_hat_k ... J_hat_1, T the second-moment map); dividing by k, and since gamma is
 also lim (1/k) E log ||Pi_k w_0|| (Furstenberg-Kesten), **gamma <= (1/2) log rho(T)**.
 The gap is the heavy tail of the products: E||w_k||^2 can diverge (rho(T) > 1) while
-almost every run shrinks (gamma < 0). MATH.md §4 gives the one-dimensional example
+almost every run shrinks (gamma < 0). docs/theory.md §4 gives the one-dimensional example
 n = 3, curvatures (1, 1/4, 1/4), B = 1, eta = 2.25 (Bernoulli): E j^2 = 1.28 > 1 while
 gamma = E log|j| = -0.2458 < 0 (:func:`torch_coherence.reproduce.disagreement_demo`).
 
@@ -74,18 +74,18 @@ independent). The bias of a run of K steps is O(1/K). Fewer than :data:`MIN_REPE
 :data:`MIN_STEPS` averaged steps give a :class:`LyapunovPrecisionWarning` quoting the
 standard error.
 
-Cost: 4 m C r repeats flops per step. Measured on the 2-core development machine (one
-thread, float64, best of 3 while other jobs ran): a default call (1000 steps, 16 repeats) on
-an (m, m) Gram of m = 320 Gaussian samples (r = 320) takes 0.24 s, including the reduction to
-the coefficient space (0.01 s) and the commutation test; with n = 50000 (tiled data set)
-0.30 s (Bernoulli) and 0.22 s (without replacement); with momentum 0.26 s; (m, C) = (32, 10)
-factors 0.23 s. For comparison rho(T) of the same Gram takes 0.6 s. The exact path for the
-§5.1 construction (n = 100) takes 12 ms.
+Cost: 4 m C r flops per run, learning rate and step, in single precision (every state is
+renormalised each step; the log growths are summed in float64; an overflowing run is
+repeated in float64). The runs of several learning rates are propagated together as one
+batch (common random numbers: the same starts and batch counts for every learning rate),
+which reads the factors once per step for all of them. ``benchmarks/bench_dynamics.py``
+measures the calls a probe makes on a 64-example probe Gram (C = 10, r = 576).
 
 The critical values :func:`critical_lr_typical` and :func:`critical_batch_size_typical` use
 *common random numbers*: every evaluation reuses the same seed, so the batches and starts
-are identical and gamma_hat(eta) is a continuous function of eta that bisection can solve;
-the band where gamma_hat -+ 2 stderr changes sign is reported next to the root.
+are identical and gamma_hat(eta) is a continuous function of eta that a root finder can
+solve (batched rounds of guarded regula falsi for eta, bisection for B); the band where
+gamma_hat -+ 2 stderr changes sign is reported next to the root.
 """
 
 from __future__ import annotations
@@ -477,26 +477,25 @@ class _Batches:
         return torch.from_numpy(N).to(self.dtype)
 
 
-def _make_apply(cc: CoefficientCurvature, joint, q: float):
+def _make_apply(cc: CoefficientCurvature, joint, q: float, dtype: torch.dtype = F64):
     """(apply, r): apply(weights (R, m), W (R, L, r)) = sum_i weights_i h_i P w for every w.
 
     The R runs each have their own batch weights, shared by the L learning rates of one
     batched evaluation (common random numbers). Commuting curvature (``joint`` = (D, mu) in
     a common eigenbasis) is propagated in its diagonal form (elementwise products, cost m r
-    per run and step); otherwise two (R L, r) x (r, m C) products. Computed in
-    :data:`MC_DTYPE`.
+    per run and step); otherwise two (R L, r) x (r, m C) products. Computed in ``dtype``.
     """
     if joint is not None:
-        D = torch.from_numpy(np.ascontiguousarray(joint[0])).to(MC_DTYPE)
-        pd = torch.from_numpy(1.0 + q * joint[1]).to(MC_DTYPE)
+        D = torch.from_numpy(np.ascontiguousarray(joint[0])).to(dtype)
+        pd = torch.from_numpy(1.0 + q * joint[1]).to(dtype)
         return (lambda wt, W: (wt @ D).unsqueeze(1) * (W * pd)), D.shape[1]
     G = cc.factors
     m, c, r = G.shape
     P = None
     if q:
-        P = (torch.eye(r, dtype=F64) + q * cc.mean_hessian()).T.contiguous().to(MC_DTYPE)
+        P = (torch.eye(r, dtype=F64) + q * cc.mean_hessian()).T.contiguous().to(dtype)
     if c <= r:
-        flat = G.reshape(m * c, r).to(MC_DTYPE)
+        flat = G.reshape(m * c, r).to(dtype)
         flat_t = flat.T  # a view: both products read the same memory (cache)
 
         def apply(wt: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
@@ -508,7 +507,7 @@ def _make_apply(cc: CoefficientCurvature, joint, q: float):
             return (y.view(R * L, m * c) @ flat).view(R, L, r)
 
         return apply, r
-    h = cc.hessians().reshape(m * r, r).to(MC_DTYPE)
+    h = cc.hessians().reshape(m * r, r).to(dtype)
 
     def apply_h(wt: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
         R, L, _ = W.shape
@@ -521,7 +520,7 @@ def _make_apply(cc: CoefficientCurvature, joint, q: float):
 
 
 def _monte_carlo(
-    apply, r: int, m: int, n: int, lrs: list[float], batch_size: float, sampling: str,
+    make_apply, r: int, m: int, n: int, lrs: list[float], batch_size: float, sampling: str,
     beta: float, steps: int, burn_in: int, repeats: int, seed: int, cache: dict | None = None,
 ) -> list[tuple[float, float]]:  # fmt: skip
     """(gamma_hat, stderr) for every learning rate: renormalised products, all runs at once.
@@ -537,10 +536,10 @@ def _monte_carlo(
     the mean log growth after ``burn_in``, i.e. (1/K) log(||w_steps|| / ||w_burn_in||).
     A run whose state becomes exactly 0 gives -inf. Propagation is in :data:`MC_DTYPE`
     (the log growths are summed in float64); should a norm overflow it, the evaluation is
-    repeated in float64.
+    repeated in float64. ``make_apply(dtype)`` gives the step's product in that dtype.
     """
-    for dtype in (MC_DTYPE, F64):
-        out = _monte_carlo_run(apply, r, m, n, lrs, batch_size, sampling, beta, steps,
+    for dtype in dict.fromkeys((MC_DTYPE, F64)):
+        out = _monte_carlo_run(make_apply(dtype), r, m, n, lrs, batch_size, sampling, beta, steps,
                                burn_in, repeats, seed, cache, dtype)  # fmt: skip
         if out is not None:
             return out
@@ -587,10 +586,10 @@ def _monte_carlo_run(
                 Wp = W * inv
             W = Wn * inv
             k += 1
+    if bool(torch.isinf(norms).any()):
+        return None  # a norm overflowed the propagation dtype (then 0 and NaN would follow)
     dead = (norms == 0).any(0)  # (R, L): annihilated exactly (NaN afterwards)
     tail = norms[burn_in:].to(F64)
-    if not bool(torch.isfinite(tail[:, ~dead]).all()):
-        return None  # overflow of the propagation dtype
     per_run = tail.log().sum(0) / (steps - burn_in)
     per_run[dead] = -math.inf
     out = []
@@ -658,11 +657,18 @@ class _Problem:
         self, lrs: list[float], batch_size, steps, burn_in, repeats, seed
     ) -> list[tuple[float, float]]:
         """(gamma_hat, stderr) for each learning rate, in one batched run (CRN)."""
+        r = self.cc.rank if self.joint is None else self.joint[0].shape[1]
+        return _monte_carlo(self._apply_in, r, self.cc.m, self.n, list(lrs), batch_size,
+                            self.sampling, self.beta, steps, burn_in, repeats, seed,
+                            self._cache)  # fmt: skip
+
+    def _apply_in(self, dtype: torch.dtype):
+        """The step's product in ``dtype`` (built once per dtype)."""
         if self._apply is None:
-            self._apply = _make_apply(self.cc, self.joint, self.q)
-        apply, r = self._apply
-        return _monte_carlo(apply, r, self.cc.m, self.n, list(lrs), batch_size, self.sampling,
-                            self.beta, steps, burn_in, repeats, seed, self._cache)  # fmt: skip
+            self._apply = {}
+        if dtype not in self._apply:
+            self._apply[dtype] = _make_apply(self.cc, self.joint, self.q, dtype)[0]
+        return self._apply[dtype]
 
 
 def _noise_free(batch_size: float, n: int) -> bool:
@@ -900,8 +906,9 @@ class _LrSearch:
        that does not halve the bracket (in log) adds its geometric midpoint (bisection
        safeguard). Stops when b / a - 1 <= rel_tol.
 
-    The answer is the interpolated root inside the final bracket (its geometric midpoint
-    when an end is infinite).
+    The central root (z = 0) is solved first; the others start from its linear prediction
+    (:meth:`_predictions`). The answer is the interpolated root inside the final bracket
+    (its geometric midpoint when an end is infinite).
     """
 
     def __init__(self, gam: _Cached, eta0: float, zs: tuple[float, ...], rel_tol: float):
@@ -936,12 +943,48 @@ class _LrSearch:
         return a * (b / a) ** frac
 
     def solve(self) -> list[float]:
+        """The roots for every z: the central one (z = 0) first, then the others seeded
+        with their linear prediction from it."""
         self.gam.many([self.eta0 / 2.0, self.eta0, 2.0 * self.eta0])
         result: dict[float, float] = {}
+        if 0.0 in self.zs:
+            self._solve((0.0,), result, [])
+        rest = tuple(z for z in self.zs if z not in result)
+        self._solve(rest, result, self._predictions(rest, result.get(0.0, math.nan)))
+        return [result.get(z, math.nan) for z in self.zs]
+
+    def _predictions(self, zs: tuple[float, ...], root: float) -> list[float]:
+        """Guarded linear predictions of the roots of g_z from the central root.
+
+        Near the root g_0 ~ s log(eta / root) (s the slope over the final bracket), so
+        g_z = 0 at about root exp(-z se / s); the prediction and the guards
+        x / (1 + t), x (1 + t) are evaluated together, which closes each bracket in one
+        round when the prediction is good (the band is then as rigorous as any root).
+        """
+        if not zs or not (math.isfinite(root) and root > 0):
+            return []
+        br = self._bracket(0.0)
+        if br is None:
+            return []
+        a, b = br
+        ga, gb = self.g(0.0, a), self.g(0.0, b)
+        slope = (gb - ga) / math.log(b / a) if b > a else math.nan
+        se = self.stderr_at(root)
+        if not (math.isfinite(slope) and slope > 0 and se > 0):
+            return []
+        out = []
+        for z in zs:
+            x = root * math.exp(-z * se / slope)
+            out += [x / (1.0 + self.t), x, x * (1.0 + self.t)]
+        return out
+
+    def _solve(self, zs: tuple[float, ...], result: dict[float, float], seed: list[float]):
         last: dict[float, float] = {}
+        if seed:
+            self.gam.many(seed)
         for _ in range(400):
             need: list[float] = []
-            for z in self.zs:
+            for z in zs:
                 if z in result:
                     continue
                 br = self._bracket(z)
@@ -969,7 +1012,6 @@ class _LrSearch:
             if not need:
                 break
             self.gam.many(need)
-        return [result.get(z, math.nan) for z in self.zs]
 
     def stderr_at(self, x: float) -> float:
         """Standard error at x: interpolated between the evaluated neighbours (log eta)."""
@@ -1022,10 +1064,13 @@ def critical_lr_typical(
     result is never below :func:`critical_lr_exact` (up to the estimator's error). ``inf``
     for zero curvature.
 
-    Cost (``benchmarks/bench_dynamics.py``, one thread): on a 64-example probe Gram of a
-    digits MLP (C = 10, r = 576) with the probe's protocol (200 steps, 4 repeats,
-    rel_tol 2e-2) 8 learning rates in 3 batched runs. ``stderr`` is interpolated between
-    the evaluated neighbours of the root. Arguments as in :func:`lyapunov_exponent`.
+    Cost (``benchmarks/bench_dynamics.py``): on a 64-example probe Gram of a digits MLP
+    (C = 10, r = 576) with a probe's protocol (200 steps, 4 repeats, rel_tol 2e-2) the
+    central root took 8 learning rates in 3 batched runs, with the band 19 in 6 (the band's
+    roots are seeded with their linear prediction from the central one): pass
+    ``band=False`` when only ``lr`` is used.
+    ``stderr`` is interpolated between the evaluated neighbours of the root. Arguments as
+    in :func:`lyapunov_exponent`.
     """
     steps, repeats, burn_in, seed = _check_protocol(steps, repeats, burn_in, seed)
     rel_tol = check_positive("rel_tol", rel_tol)

@@ -1,11 +1,11 @@
 r"""Exact mean-square stability of linearized SGD: the spectral radius of the second-moment map.
 
-One step of linearized SGD (paper 000, Definition 1; MATH.md §1) is w <- J_hat w with
+One step of linearized SGD (paper 000, Definition 1; docs/theory.md §1) is w <- J_hat w with
 
     J_hat = I - eta H_hat P,   H_hat = (1/B) sum_{i in batch} H_i,   P = I + (rho/alpha) H,
 
 (P = I for SGD; P != I is SAM, paper 002 Theorem C.8). The second moment M_k = E[w_k w_k^T]
-evolves linearly, M_{k+1} = T(M_k) with (MATH.md §5)
+evolves linearly, M_{k+1} = T(M_k) with (docs/theory.md §5)
 
     T(M) = J M J^T + eta^2 E[D P M P D],   J = I - eta H P,   D = H_hat - H,
 
@@ -24,7 +24,7 @@ exactly when rho(T) > 1. The noise term for a data set of n samples and batch si
   a (scaled) covariance, so the map stays positive.
 
 When the m curvatures given are a probe standing for a data set of n > m samples, mean_i runs
-over the probe (MATH.md §5). The map leaves the orthogonal complement of the joint range V of
+over the probe (docs/theory.md §5). The map leaves the orthogonal complement of the joint range V of
 the H_i alone, so it is computed on V (dimension r <= m C, from
 :mod:`torch_coherence.dynamics.curvature_space`), never on the d x d parameter space.
 
@@ -294,9 +294,12 @@ def _critical_lr_self_adjoint(
 
     So rho(T) = 1 has exactly one positive root, found by one Lanczos run (relative
     accuracy ``rel_tol`` on mu_max, hence on eta_c) instead of a bisection over rho(T).
-    None when mu_max <= 0 (a sampling whose noise is not a covariance, B < 1).
+    None (the caller then bisects) when mu_max <= 0 (a sampling whose noise is not a
+    covariance, B < 1) or when round-off left an eigenvalue of H at 0.
     """
     G, mu = _symmetrised(cc, q)
+    if float(mu.min()) <= 0.0:  # round-off left H singular on V: L is not invertible
+        return None
     m, _, r = G.shape
     root = (mu[:, None] + mu[None, :]).rsqrt()  # L^(-1/2), entrywise
     hh = torch.outer(mu, mu) * (1.0 - b)
@@ -370,7 +373,7 @@ def mean_square_rate(
     method: str = "auto",
     tol: float = 1e-10,
 ) -> float:
-    r"""Spectral radius rho(T) of the second-moment map of linearized SGD (MATH.md §5).
+    r"""Spectral radius rho(T) of the second-moment map of linearized SGD (docs/theory.md §5).
 
     T(M) = E[J_hat M J_hat^T] with J_hat = I - eta H_hat (I + (rho/alpha) H) (see the module
     docstring for the noise coefficients of both samplings and the momentum state). The
@@ -484,7 +487,9 @@ def critical_lr_exact(
     def f(eta: float) -> float:
         return _rate(cc, eta, b, n, sampling, beta, q, "auto", inner)
 
-    if f(lo) >= 1.0:
+    # rho(T) -> 1 as eta -> 0 with momentum (the eigenvalue 1 of the momentum map): only a
+    # tight solve tells 1 - O(eta) from 1 at the bottom of the bracket
+    if _rate(cc, lo, b, n, sampling, beta, q, "auto", 1e-12) >= 1.0:
         return lo
     _check_monotone(f, lo * 1e6, hi, "lr", log=True)
     return _bisect_crossing(f, lo, hi, log=True, rel_tol=rel_tol)

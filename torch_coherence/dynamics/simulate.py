@@ -17,7 +17,7 @@ runs in the coefficient space of :mod:`torch_coherence.dynamics.curvature_space`
 
 These are the typical (sample-path) outcomes; they are not the mean-square notion of
 :func:`torch_coherence.dynamics.mean_square_rate`: E||w_k||^2 can diverge while most runs
-shrink (MATH.md §7).
+shrink (docs/theory.md §7).
 """
 
 from __future__ import annotations

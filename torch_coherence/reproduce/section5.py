@@ -1,6 +1,6 @@
 r"""The paper's Section 5 experiments: phase diagrams of linearized SGD (paper 000, Figures 1-2).
 
-Construction (paper 000 §5.1; MATH.md §2, §7): n samples, coherence sigma = s,
+Construction (paper 000 §5.1; docs/theory.md §2, §7): n samples, coherence sigma = s,
 
     H_i = m e_1 e_1^T (i <= s),   H_i = m e_{i-s+1} e_{i-s+1}^T (i > s),   m = 2n / s,
 
@@ -96,7 +96,7 @@ def _section51_apply(n: int, sigmas: list[int], q: float):
 def section51_lyapunov(
     n: int, sigma: int, lr: float, batch_size: float, sampling: str, sam_q: float = 0.0
 ) -> float:
-    """Exact top Lyapunov exponent of the paper's §5.1 construction (commuting, MATH.md §7).
+    """Exact top Lyapunov exponent of the paper's §5.1 construction (commuting, docs/theory.md §7).
 
     Coordinate 1: j = 1 - (eta m / B)(1 + 2 q) X with X ~ Binomial(sigma, B/n) (Bernoulli)
     or Hypergeometric(n, sigma, B) (without replacement), m = 2 n / sigma; every other
