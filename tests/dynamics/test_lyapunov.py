@@ -173,7 +173,7 @@ def test_math_md_section4_example_typical_vs_mean_square():
     assert "eta = 2.25: rho(T) = 1.2812, gamma = -0.2458" in text
     assert "mean-square unstable: fluctuations grow without bound although most runs still " \
            "settle" in text  # fmt: skip
-    assert "typically unstable: training will diverge" in text
+    assert "typically unstable: a typical run of the linearized dynamics diverges" in text
 
 
 @pytest.mark.parametrize("sampling", SAMPLINGS)
@@ -446,7 +446,7 @@ def test_stability_verdict_wording():
     assert stability_verdict(1.3, -0.2).startswith(
         "mean-square unstable: fluctuations grow without bound although most runs still settle"
     )
-    assert stability_verdict(1.3, 0.2).startswith("typically unstable: training will diverge")
+    assert stability_verdict(1.3, 0.2).startswith("typically unstable: a typical run of the linearized dynamics diverges")
     assert stability_verdict(0.8, -0.2).startswith("stable")
     est = LyapunovEstimate(0.01, 0.01, 1000, 16, 200, False, "monte_carlo", 10)
     assert stability_verdict(1.1, est).startswith("borderline")

@@ -1172,7 +1172,9 @@ def critical_batch_size_typical(
 def stability_verdict(rho: float, gamma: LyapunovEstimate | float, z: float = 2.0) -> str:
     """One sentence naming which notion of stability fails (for reports and warnings).
 
-    * gamma > 0 (beyond ``z`` standard errors): "typically unstable: training will diverge";
+    * gamma > 0 (beyond ``z`` standard errors): "typically unstable: a typical run of the
+      linearized dynamics diverges" (a statement about the linear model, which the Section 5
+      simulations confirm; for real training see ``docs/warnings.md``);
     * gamma < 0 and rho(T) > 1: "mean-square unstable: fluctuations grow without bound
       although most runs still settle";
     * gamma < 0 and rho(T) <= 1: "stable";
@@ -1185,8 +1187,8 @@ def stability_verdict(rho: float, gamma: LyapunovEstimate | float, z: float = 2.
     gtxt = f"gamma = {g:+.4g}" + (f" +- {se:.2g}" if se else "") + " per step"
     rtxt = f"rho(T) = {rho:.4g}"
     if g - z * se > 0:
-        return (f"typically unstable: training will diverge ({gtxt} > 0: a typical run of the "
-                f"linearized dynamics grows; {rtxt})")  # fmt: skip
+        return (f"typically unstable: a typical run of the linearized dynamics diverges "
+                f"({gtxt} > 0; {rtxt})")  # fmt: skip
     if g + z * se >= 0:
         return (f"borderline: the sign of the typical growth rate is not resolved ({gtxt}); "
                 f"{rtxt}" + (" > 1: mean-square divergent" if rho > 1 else ""))  # fmt: skip

@@ -367,7 +367,11 @@ def _lyapunov_metrics(
         out["stability/lyapunov"] = float(g.value)
         out["stability/lyapunov_stderr"] = float(g.stderr) if math.isfinite(g.stderr) else 0.0
         try:
-            c = critical_lr_typical(cc, batch_size, n, rel_tol=TYPICAL_LR_REL_TOL, **common)
+            # only the central root is logged: no band search (4.4x instead of 2.6x cheaper
+            # than before the batched search, benchmarks/bench_dynamics.py)
+            c = critical_lr_typical(
+                cc, batch_size, n, rel_tol=TYPICAL_LR_REL_TOL, band=False, **common
+            )
         except (ValueError, RuntimeError, ArithmeticError):
             return out
     if math.isfinite(c.lr) and c.lr > 0:
