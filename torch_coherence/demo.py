@@ -196,6 +196,26 @@ def _cell(v: Any) -> str:
     return "inf" if math.isinf(v) else f"{v:.4g}"
 
 
+def _report(
+    runs: list[tuple[str, Any, Any, list[tuple[str, str]], list[float]]], n: int, m: int
+) -> None:
+    """The summary table, the warnings by category and what each run really did."""
+    print(f"\nSummary (n = {n}, probe of {m} examples; later runs at their pre-flight probe):")
+    _print_table([_row(name, cb, tr, i > 0) for i, (name, cb, tr, _, _) in enumerate(runs)])
+    for name, _, _, msgs, _ in runs:
+        label = f"the {name} run"
+        kinds = sorted({k for k, _ in msgs})
+        counts = ", ".join(f"{sum(k == c for k, _ in msgs)} {c}" for c in kinds) or "none"
+        print(f"\nwarnings in {label}: {counts}")
+        for kind, text in msgs:
+            print(f"  - [{kind}] {text}")
+    print("\nwhat really happened (blow-up: loss non-finite or above 10x its first value):")
+    for name, _, _, msgs, losses in runs:
+        predicted = any(kind == "BlowupWarning" for kind, _ in msgs)
+        verdict = "predicted a blow-up (BlowupWarning)" if predicted else "predicted no blow-up"
+        print(f"  the {name} run: {what_happened(losses)}; the probe {verdict}.")
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """Run the demo with parsed arguments (see :func:`add_demo`)."""
     import pytorch_lightning as pl
@@ -215,7 +235,7 @@ def run_demo(args: argparse.Namespace) -> int:
     n = len(data)
     t0 = time.perf_counter()
     print(f"torch-coherence demo: digits MLP (n = {n}), SGD, batch size {args.batch_size}")
-    print(f"[1/2] stable learning rate {args.lr:g}, {args.epochs} epochs")
+    print(f"[1] stable learning rate {args.lr:g}, {args.epochs} epochs")
     stable = _module(args.lr, args.batch_size, data)
     cb1, msgs1, s1, tr1, loss1 = _fit(f"stable_lr{args.lr:g}", stable, args, progress)
     last = cb1.history[-1]
@@ -225,33 +245,35 @@ def run_demo(args: argparse.Namespace) -> int:
         base, what = cb1.probe.last_report.critical_lr, "Theorem 1 critical"
     lr2 = args.factor * base
     print(f"\nthe last probe's {what} learning rate at batch size {args.batch_size}: {base:.4g}")
-    print(f"[2/2] {args.factor:g} x that = learning rate {lr2:.4g}, from the weights of [1/2]")
+    print(f"[2] {args.factor:g} x that = learning rate {lr2:.4g}, from the weights of [1]")
     unstable = _module(lr2, args.batch_size, data)
     unstable.load_state_dict(stable.state_dict())
     cb2, msgs2, s2, tr2, loss2 = _fit(f"unstable_lr{lr2:.3g}", unstable, args, progress)
 
-    m = min(args.probe_size, n)
-    print(f"\nSummary (n = {n}, probe of {m} examples; run 2 at its pre-flight probe):")
-    _print_table([_row("stable", cb1, tr1), _row(f"{args.factor:g}x {what}", cb2, tr2, True)])
-    for label, msgs in (("the stable run", msgs1), ("the second run", msgs2)):
-        kinds = sorted({k for k, _ in msgs})
-        counts = ", ".join(f"{sum(k == c for k, _ in msgs)} {c}" for c in kinds) or "none"
-        print(f"\nwarnings in {label}: {counts}")
-        for kind, text in msgs:
-            print(f"  - [{kind}] {text}")
+    blow2 = float(cb2.history[0].get("stability/blowup_lr", math.inf))
+    runs = [
+        ("stable", cb1, tr1, msgs1, loss1),
+        (f"{args.factor:g}x {what}", cb2, tr2, msgs2, loss2),
+    ]
+    if math.isfinite(blow2):
+        lr3 = 1.5 * blow2
+        print(
+            f"\n[3] 1.5 x the blow-up lr {blow2:.4g} that [2]'s pre-flight lookahead found = "
+            f"learning rate {lr3:.4g}, from the weights of [1], 1 epoch"
+        )
+        third = _module(lr3, args.batch_size, data)
+        third.load_state_dict(stable.state_dict())
+        short = argparse.Namespace(**{**vars(args), "epochs": 1})
+        cb3, msgs3, _, tr3, loss3 = _fit(f"blowup_lr{lr3:.3g}", third, short, progress)
+        runs.append(("1.5x blow-up lr", cb3, tr3, msgs3, loss3))
+
+    _report(runs, n, min(args.probe_size, n))
     offset = cb1.history[-1]["step"]
     history = cb1.history + [{**h, "step": h["step"] + offset} for h in cb2.history]
     png = save_curves(
         history,
         args.out / "demo" / "coherence_curves.png",
         title=f"digits MLP: lr {args.lr:g} then {lr2:.3g} (from step {offset})",
-    )
-    predicted = any(kind == "BlowupWarning" for kind, _ in msgs2)
-    print(f"\nwhat really happened: the stable run: {what_happened(loss1)}.")
-    print(
-        f"the second run: {what_happened(loss2)}; the probe "
-        + ("predicted a blow-up (BlowupWarning)" if predicted else "predicted no blow-up")
-        + "."
     )
     print(f"\ncurves saved to {png}")
     print(f"fit times: {s1:.1f} s and {s2:.1f} s; total {time.perf_counter() - t0:.1f} s")
