@@ -323,7 +323,14 @@ def gram_factors(
     groups = _groups(fallback, m * R * 8) if accumulate or sink else [fallback]
     for group in groups:
         if group:
-            consume(GramFactors(m=m, R=R, rows=[_fallback_rows(fwd, inputs, sqrt, group, chunk)]))
+            if accumulate and sink is None:  # rows stay in the model's dtype until the Gram
+                rows = _fallback_rows(fwd, inputs, sqrt, group, chunk, keep_dtype=True)
+                facs.absorb(GramFactors(m=m, R=R, dense=_stored_rows_gram(rows)))
+                del rows
+            else:
+                consume(
+                    GramFactors(m=m, R=R, rows=[_fallback_rows(fwd, inputs, sqrt, group, chunk)])
+                )
     return facs
 
 
@@ -332,15 +339,9 @@ def gram_factors(
 ROW_BLOCK_BYTES = 256 * 2**20
 
 
-def _blocked_rows_gram(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """One layer's K (m, R, m, R) from rows sum_t d_t a_t^T built a sample block at a time."""
-    m, R, T, o = d.shape
-    n = max(1, ROW_BLOCK_BYTES // (2 * R * o * a.shape[2] * 8))
-
-    def rows(sl: slice) -> torch.Tensor:
-        dt = d[sl].transpose(2, 3).reshape(-1, R * o, T)
-        return torch.bmm(dt, a[sl]).reshape(-1, R, o * a.shape[2]).reshape(-1, o * a.shape[2])
-
+def _blockwise_gram(rows: Callable[[slice], torch.Tensor], m: int, R: int, P: int) -> torch.Tensor:
+    """K (m, R, m, R) from float64 rows (n R, P) of sample blocks, ``rows(block)`` each."""
+    n = max(1, ROW_BLOCK_BYTES // (2 * R * P * 8))
     K = torch.empty(m, R, m, R, dtype=torch.float64)
     for s in range(0, m, n):
         I = slice(s, min(s + n, m))  # noqa: E741
@@ -351,6 +352,25 @@ def _blocked_rows_gram(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
             K[I, :, J, :] = blk
             K[J, :, I, :] = blk.permute(2, 3, 0, 1)
     return K
+
+
+def _blocked_rows_gram(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """One layer's K (m, R, m, R) from rows sum_t d_t a_t^T built a sample block at a time."""
+    m, R, T, o = d.shape
+    P = o * a.shape[2]
+
+    def rows(sl: slice) -> torch.Tensor:
+        dt = d[sl].transpose(2, 3).reshape(-1, R * o, T)
+        return torch.bmm(dt, a[sl]).reshape(-1, P)
+
+    return _blockwise_gram(rows, m, R, P)
+
+
+def _stored_rows_gram(rows: torch.Tensor) -> torch.Tensor:
+    """K (m, R, m, R) in float64 from rows (m, R, P) kept in the model's dtype (upcast by
+    sample blocks: the same numbers as converting them whole, at a fraction of the memory)."""
+    m, R, P = rows.shape
+    return _blockwise_gram(lambda sl: rows[sl].double().reshape(-1, P), m, R, P)
 
 
 #: Bytes of fallback rows computed at once when the Gram is streamed (several parameters
@@ -378,8 +398,10 @@ def _fallback_rows(
     sqrt: torch.Tensor,
     fallback: dict[str, torch.Tensor],
     chunk: int,
+    keep_dtype: bool = False,
 ) -> torch.Tensor:
-    """Per-sample rows J_i^T b_ir for the fallback parameters, (m, R, P) float64."""
+    """Per-sample rows J_i^T b_ir for the fallback parameters, (m, R, P) float64 (in the
+    model's dtype with ``keep_dtype``)."""
     m, C, R = sqrt.shape
     if not isinstance(sqrt, torch.Tensor):  # a lazy factor: dense chunks of n C R doubles
         chunk = max(1, min(chunk, FALLBACK_GROUP_BYTES // (C * R * 8)))
@@ -401,7 +423,9 @@ def _fallback_rows(
         xs = tree_map(lambda t, sl=sl: t[sl] if isinstance(t, torch.Tensor) else t, inputs)
         g = batched(xs, sample_block(sqrt, sl))
         chunks.append(
-            torch.cat([g[k].reshape(g[k].shape[0], R, -1) for k in names], 2).detach().double()
+            torch.cat([g[k].reshape(g[k].shape[0], R, -1) for k in names], 2)
+            .detach()
+            .to(torch.float64 if not keep_dtype else g[names[0]].dtype)
         )
     return torch.cat(chunks)
 
