@@ -417,17 +417,23 @@ def _fallback_rows(
         return vmap(pull)(b.T.to(out.dtype))[0]
 
     batched = vmap(sample_rows)
-    chunks = []
+    out: torch.Tensor | None = None  # (m, R, P), filled chunk by chunk (no second copy)
     for s in range(0, m, chunk):
         sl = slice(s, min(s + chunk, m))
         xs = tree_map(lambda t, sl=sl: t[sl] if isinstance(t, torch.Tensor) else t, inputs)
         g = batched(xs, sample_block(sqrt, sl))
-        chunks.append(
-            torch.cat([g[k].reshape(g[k].shape[0], R, -1) for k in names], 2)
-            .detach()
-            .to(torch.float64 if not keep_dtype else g[names[0]].dtype)
-        )
-    return torch.cat(chunks)
+        if out is None:
+            P = sum(g[k][0, 0].numel() for k in names)
+            dtype = g[names[0]].dtype if keep_dtype else torch.float64
+            out = torch.empty(m, R, P, dtype=dtype, device=g[names[0]].device)
+        col = 0
+        for k in names:
+            part = g[k].detach().reshape(g[k].shape[0], R, -1)
+            out[sl, :, col : col + part.shape[2]] = part
+            col += part.shape[2]
+        del g
+    assert out is not None
+    return out
 
 
 def flat_params(params: Sequence[torch.Tensor]) -> int:
