@@ -1,6 +1,6 @@
 """Curvature engine against BackPACK, torch.func, PyHessian and curvlinops, in one run.
 
-Workloads (issue 3):
+Workloads:
 
 * digits MLP 64-256-256-10 (85,002 parameters), cross-entropy, lightly trained (3 epochs of
   SGD, lr 0.1, batch 32 on scikit-learn's bundled digits), probe of m = 256 digits;

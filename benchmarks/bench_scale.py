@@ -367,7 +367,94 @@ def child_peer(case: Case, tool: str) -> dict[str, Any]:
     raise ValueError(f"unknown tool {tool}")
 
 
+def trained_small_lm(steps: int = 300) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """GPT(V = 40, width 32, 2 blocks, T = 8) fitted to 'next token = token + 1 (mod V)' with
+    10% random tokens, so that its predictions are peaked as a trained LM's are."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    V, T = 40, 8
+    model = GPT(V, d=32, layers=2, T=T)
+
+    def batch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = torch.randint(0, V, (n, 1), generator=gen)
+        seq = (start + torch.arange(T + 1)) % V
+        noise = torch.rand(n, T + 1, generator=gen) < 0.1
+        seq = torch.where(noise, torch.randint(0, V, (n, T + 1), generator=gen), seq)
+        return seq[:, :-1], seq[:, 1:]
+
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        x, y = batch(32)
+        opt.zero_grad()
+        F.cross_entropy(model(x).reshape(-1, V), y.reshape(-1)).backward()
+        opt.step()
+    x, y = batch(6)
+    return model.eval(), x, y
+
+
+def child_accuracy() -> dict[str, Any]:
+    """sigma of the exact, top-k and sampled sequence factors on the small trained LM."""
+    from torch_coherence.curvature import measure_curvature
+
+    model, x, y = trained_small_lm()
+    loss = nn.CrossEntropyLoss()
+    out = {}
+    variants = [("exact", {})]
+    variants += [
+        (f"topk tol={t:g}", {"factors": "topk", "factor_tol": t}) for t in (0.01, 0.1, 0.5)
+    ]
+    variants += [(f"mc S={k}", {"factors": "mc", "mc_samples": k}) for k in (1, 4, 16)]
+    for label, kw in variants:
+        t0 = time.perf_counter()
+        rep = measure_curvature(model, x, y, loss, sharpness="ggn", seed=0, **kw)
+        out[label] = {
+            "seconds": time.perf_counter() - t0,
+            "sigma": rep.stats.sigma,
+            "ggn": rep.ggn_sharpness,
+            "maxh": rep.stats.max_sample_sharpness,
+            "bound": rep.truncation_bound,
+        }
+    return out
+
+
+def accuracy_table(args: argparse.Namespace) -> None:
+    r = run_child("mlp", "accuracy", args)
+    if "error" in r:
+        print(f"\nFactor accuracy: {r['error']}")
+        return
+    ex = r["exact"]
+    rows = []
+    for label, v in r.items():
+        rows.append(
+            [
+                label,
+                fmt(v["sigma"], ".4g"),
+                f"{(v['sigma'] / ex['sigma'] - 1) * 100:+.1f}%",
+                f"{(v['maxh'] / ex['maxh'] - 1) * 100:+.1f}%",
+                f"{(v['ggn'] / ex['ggn'] - 1) * 100:+.1f}%",
+                fmt(v["bound"], ".2g"),
+                fmt(v["seconds"]),
+            ]
+        )
+    table(
+        "Factor accuracy: trained GPT (V = 40, T = 8, width 32, 2 blocks), m = 6 sequences",
+        [
+            "factors",
+            "sigma",
+            "sigma err",
+            "max_i lambda_1(H_i) err",
+            "GGN sharpness err",
+            "trunc. bound",
+            "s",
+        ],
+        rows,
+    )
+
+
 def child_main(name: str, tool: str, profile_flops: bool) -> None:
+    if tool == "accuracy":
+        print(json.dumps(child_accuracy()))
+        return
     case = CASES[name]
     res = child_engine(case, profile_flops) if tool == "engine" else child_peer(case, tool)
     print(json.dumps(res))
@@ -524,6 +611,7 @@ def main_tables(args: argparse.Namespace) -> None:
         ["case", "tool", "s", "peak above base MiB", "sigma / ggn"],
         peers,
     )
+    accuracy_table(args)
     growth(args)
     print(f"\nload after: {os.getloadavg()}")
 
@@ -570,11 +658,15 @@ def main() -> None:
     ap.add_argument("--mem-gib", type=float, default=8.0, help="resident memory per child")
     ap.add_argument("--flops", action="store_true", help="profile matmul FLOPs of the engine")
     ap.add_argument("--no-growth", action="store_true")
+    ap.add_argument("--accuracy-only", action="store_true", help="only the factor-accuracy table")
     ap.add_argument("--child", nargs=2, metavar=("CASE", "TOOL"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
         child_main(args.child[0], args.child[1], args.flops)
+        return
+    if args.accuracy_only:
+        accuracy_table(args)
         return
     if args.no_growth:
         globals()["growth"] = lambda _args: None

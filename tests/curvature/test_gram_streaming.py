@@ -88,3 +88,21 @@ def test_sketch_sink_projects_layer_by_layer_unbiased_and_keeps_the_gradient_row
     rep = measure_curvature(model, x, y, loss, sketch_dim=16, sharpness=None, seed=0)
     ref = measure_curvature(model, x, y, loss, sharpness=None, seed=0)
     assert rep.gradient_noise_scale == pytest.approx(ref.gradient_noise_scale, rel=1e-10)
+
+
+def test_streamed_fallback_rows_of_a_float32_model_give_the_same_gram(monkeypatch):
+    """Fallback rows kept in float32 and upcast by sample blocks: the numbers of the
+    unstreamed path (which converts all rows to float64 at once)."""
+    monkeypatch.setattr(gram, "ROW_BLOCK_BYTES", 3000)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = MODELS["mixed"]().float()
+    loss = nn.CrossEntropyLoss()
+    x = make_inputs("mixed", M, gen).float()
+    y = make_targets(loss, M, 3, gen)
+    B = output_curvature(loss, model(x), y).sqrt
+    params = dict(model.named_parameters())
+    ref = gram_factors(model, x, B, params, force="fallback").full()
+    got = gram_factors(model, x, B, params, force="fallback", accumulate=True).full()
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))

@@ -625,9 +625,14 @@ def gram_factors(
         for name in fallback:
             facs.notes.fallback.setdefault(_user_name(name), "no layer rule covers it")
         groups = _groups(fallback, m * R * 8) if accumulate or sink else [fallback]
+        stream = accumulate and sink is None  # rows stay in the model's dtype until the Gram
         for group in groups:
-            for name, rows in _fallback_rows(fwd, inputs, sqrt, group, chunk).items():
-                part = GramFactors(m=m, R=R, rows=[rows], row_labels=[_user_name(name)])
+            for name, rows in _fallback_rows(fwd, inputs, sqrt, group, chunk, stream).items():
+                if stream:
+                    part = GramFactors(m=m, R=R, dense=_stored_rows_gram(rows))
+                else:
+                    part = GramFactors(m=m, R=R, rows=[rows], row_labels=[_user_name(name)])
+                del rows
                 part.notes = facs.notes
                 take(part, _user_name(name), [name], can_refit=False)
         if checker is not None:
@@ -640,15 +645,9 @@ def gram_factors(
 ROW_BLOCK_BYTES = 256 * 2**20
 
 
-def _blocked_rows_gram(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """One layer's K (m, R, m, R) from rows sum_t d_t a_t^T built a sample block at a time."""
-    m, R, T, o = d.shape
-    n = max(1, ROW_BLOCK_BYTES // (2 * R * o * a.shape[2] * 8))
-
-    def rows(sl: slice) -> torch.Tensor:
-        dt = d[sl].transpose(2, 3).reshape(-1, R * o, T)
-        return torch.bmm(dt, a[sl]).reshape(-1, o * a.shape[2])
-
+def _blockwise_gram(rows: Callable[[slice], torch.Tensor], m: int, R: int, P: int) -> torch.Tensor:
+    """K (m, R, m, R) from float64 rows (n R, P) of sample blocks, ``rows(block)`` each."""
+    n = max(1, ROW_BLOCK_BYTES // (2 * R * P * 8))
     K = torch.empty(m, R, m, R, dtype=torch.float64)
     for s in range(0, m, n):
         I = slice(s, min(s + n, m))  # noqa: E741
@@ -659,6 +658,44 @@ def _blocked_rows_gram(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
             K[I, :, J, :] = blk
             K[J, :, I, :] = blk.permute(2, 3, 0, 1)
     return K
+
+
+def _blocked_rows_gram(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """One layer's K (m, R, m, R) from rows sum_t d_t a_t^T built a sample block at a time."""
+    m, R, T, o = d.shape
+    P = o * a.shape[2]
+
+    def rows(sl: slice) -> torch.Tensor:
+        dt = d[sl].transpose(2, 3).reshape(-1, R * o, T)
+        return torch.bmm(dt, a[sl]).reshape(-1, P)
+
+    return _blockwise_gram(rows, m, R, P)
+
+
+def _stored_rows_gram(rows: torch.Tensor) -> torch.Tensor:
+    """K (m, R, m, R) in float64 from rows (m, R, P) kept in the model's dtype (upcast by
+    sample blocks: the same numbers as converting them whole, at a fraction of the memory)."""
+    m, R, P = rows.shape
+    return _blockwise_gram(lambda sl: rows[sl].double().reshape(-1, P), m, R, P)
+
+
+def _blocked_rows_gram(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """One layer's K (m, R, m, R) from rows sum_t d_t a_t^T built a sample block at a time."""
+    m, R, T, o = d.shape
+    P = o * a.shape[2]
+
+    def rows(sl: slice) -> torch.Tensor:
+        dt = d[sl].transpose(2, 3).reshape(-1, R * o, T)
+        return torch.bmm(dt, a[sl]).reshape(-1, P)
+
+    return _blockwise_gram(rows, m, R, P)
+
+
+def _stored_rows_gram(rows: torch.Tensor) -> torch.Tensor:
+    """K (m, R, m, R) in float64 from rows (m, R, P) kept in the model's dtype (upcast by
+    sample blocks: the same numbers as converting them whole, at a fraction of the memory)."""
+    m, R, P = rows.shape
+    return _blockwise_gram(lambda sl: rows[sl].double().reshape(-1, P), m, R, P)
 
 
 #: Bytes of fallback rows computed at once when the Gram is streamed (several parameters
@@ -686,8 +723,10 @@ def _fallback_rows(
     sqrt: torch.Tensor,
     fallback: dict[str, torch.Tensor],
     chunk: int,
+    keep_dtype: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Per-sample rows J_i^T b_ir for the fallback parameters, {name: (m, R, P)} float64.
+    """Per-sample rows J_i^T b_ir for the fallback parameters, {name: (m, R, P)} float64 (in
+    the model's dtype with ``keep_dtype``), each filled chunk by chunk into one tensor.
 
     ``vmap`` over samples of ``vmap`` over the R cotangents of ``vjp``; where the model cannot
     be vmapped over samples (``nn.GRU`` and float64 ``nn.LSTM`` in torch 2.13 write in place
@@ -712,22 +751,28 @@ def _fallback_rows(
     def take(sl: Any) -> Any:
         return tree_map(lambda t: t[sl] if isinstance(t, torch.Tensor) else t, inputs)
 
-    chunks: dict[str, list[torch.Tensor]] = {k: [] for k in names}
+    out: dict[str, torch.Tensor] = {}
+
+    def fill(sl: slice, g: dict[str, torch.Tensor]) -> None:
+        for k in names:
+            part = g[k].detach().reshape(sl.stop - sl.start, R, -1)
+            if k not in out:  # (m, R, P) per parameter, no list of chunks to concatenate
+                dtype = part.dtype if keep_dtype else torch.float64
+                out[k] = torch.empty(m, R, part.shape[2], dtype=dtype, device=part.device)
+            out[k][sl] = part
+
     try:
         batched = vmap(sample_rows)
         for s in range(0, m, chunk):
             sl = slice(s, min(s + chunk, m))
-            g = batched(take(sl), sample_block(sqrt, sl))
-            for k in names:
-                chunks[k].append(g[k].detach().reshape(g[k].shape[0], R, -1).double())
+            fill(sl, batched(take(sl), sample_block(sqrt, sl)))
     except RuntimeError:
-        chunks = {k: [] for k in names}
+        out.clear()
         for i in range(m):
             xi = tree_map(lambda t, i=i: t[i] if isinstance(t, torch.Tensor) else t, inputs)
             g = sample_rows(xi, sample_block(sqrt, slice(i, i + 1))[0])
-            for k in names:
-                chunks[k].append(g[k].detach().reshape(1, R, -1).double())
-    return {k: torch.cat(v) for k, v in chunks.items()}
+            fill(slice(i, i + 1), {k: v.unsqueeze(0) for k, v in g.items()})
+    return out
 
 
 def flat_params(params: Sequence[torch.Tensor]) -> int:

@@ -69,17 +69,7 @@ class SoftmaxCurvature(LossCurvature):
     def per_sample(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
         if _is_sequence(outputs):
             return sequence.per_sample_losses(self.loss, outputs, targets)
-        loss = self.loss
-        if isinstance(loss, nn.CrossEntropyLoss):
-            ls = F.cross_entropy(
-                outputs,
-                targets,
-                reduction="none",
-                label_smoothing=loss.label_smoothing,
-                ignore_index=loss.ignore_index,
-            )
-        else:
-            ls = F.nll_loss(outputs, targets, reduction="none", ignore_index=loss.ignore_index)
+        ls = sequence.unweighted_losses(self.loss, outputs, targets)
         scale = self._scale(targets, outputs.shape[0])
         return ls if scale is None else ls * scale.to(ls.dtype)
 

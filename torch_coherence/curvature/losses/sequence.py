@@ -64,6 +64,8 @@ flat spectrum.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -141,23 +143,26 @@ def probabilities(loss: nn.Module, z: torch.Tensor) -> torch.Tensor:
     return z.softmax(-1) if isinstance(loss, nn.CrossEntropyLoss) else z.exp()
 
 
+def unweighted_losses(loss: nn.Module, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+    """``reduction="none"`` losses without class weights (torch's layout (m, V, ...))."""
+    if isinstance(loss, nn.CrossEntropyLoss):
+        return F.cross_entropy(
+            outputs,
+            targets,
+            reduction="none",
+            label_smoothing=loss.label_smoothing,
+            ignore_index=loss.ignore_index,
+        )
+    return F.nll_loss(outputs, targets, reduction="none", ignore_index=loss.ignore_index)
+
+
 def per_sample_losses(
     loss: nn.Module, outputs: torch.Tensor, targets: torch.Tensor
 ) -> torch.Tensor:
     """Per-sequence losses l_i (m,) (module docstring)."""
     z, y = tokens(outputs, targets)
     check_targets(loss, z, y)
-    zt = z.transpose(1, 2)  # (m, V, T): torch's layout
-    if isinstance(loss, nn.CrossEntropyLoss):
-        el = F.cross_entropy(
-            zt,
-            y,
-            reduction="none",
-            label_smoothing=loss.label_smoothing,
-            ignore_index=loss.ignore_index,
-        )
-    else:
-        el = F.nll_loss(zt, y, reduction="none", ignore_index=loss.ignore_index)
+    el = unweighted_losses(loss, z.transpose(1, 2), y)  # (m, V, T): torch's layout
     omega = token_weights(loss, y).to(el.dtype)
     return (el * omega).sum(1)
 
