@@ -135,12 +135,12 @@ def test_shared_options_have_the_probes_names_and_defaults() -> None:
     import inspect
 
     from torch_coherence.callbacks import CoherenceCallback
-    from torch_coherence.probe import SHARED_OPTIONS, CoherenceProbe
+    from torch_coherence.probe import EXTRA_OPTIONS, SHARED_OPTIONS, CoherenceProbe
 
     probe = inspect.signature(CoherenceProbe).parameters
     for cls in (CoherenceMonitor, CoherenceCallback):
         params = inspect.signature(cls).parameters
-        for name in SHARED_OPTIONS:
+        for name in (*SHARED_OPTIONS, *EXTRA_OPTIONS):
             assert params[name].default == probe[name].default, (cls.__name__, name)
             assert params[name].annotation == probe[name].annotation, (cls.__name__, name)
         for name in ("loss", "probe", "dataset_size"):
@@ -148,6 +148,11 @@ def test_shared_options_have_the_probes_names_and_defaults() -> None:
     cb = CoherenceCallback(every_n_steps=7, max_overhead=None, seed=3, sharpness="ggn")
     assert (cb.probe.every_n_steps, cb.probe.max_overhead, cb.probe.seed) == (7, None, 3)
     assert cb.probe.sharpness == "ggn"
+    extra = {"act_on": "linear", "max_triggered": 2, "lookahead": False, "estimates": "dataset"}
+    monitor = CoherenceMonitor(_model(), nn.CrossEntropyLoss(), _data(), **extra)
+    for made in (CoherenceCallback(**extra), monitor):
+        assert (made.probe.act_on, made.probe.max_triggered) == ("linear", 2)
+        assert (made.probe.lookahead, made.probe.estimates) == (False, "dataset")
 
 
 def test_start_is_the_pre_flight_probe_and_the_loss_guard_triggers() -> None:

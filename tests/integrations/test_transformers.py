@@ -147,13 +147,15 @@ def test_options_keyword_only_with_the_probes_names_and_defaults() -> None:
     import inspect
 
     from torch_coherence import CoherenceMonitor
-    from torch_coherence.probe import SHARED_OPTIONS, CoherenceProbe
+    from torch_coherence.probe import EXTRA_OPTIONS, SHARED_OPTIONS, CoherenceProbe
 
     params = inspect.signature(CoherenceTrainerCallback).parameters
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
     probe = inspect.signature(CoherenceProbe).parameters
-    for name in SHARED_OPTIONS:
+    for name in (*SHARED_OPTIONS, *EXTRA_OPTIONS):
         assert params[name].default == probe[name].default, name
+    cb = CoherenceTrainerCallback(act_on="linear", max_triggered=2, lookahead=False)
+    assert (cb.probe.act_on, cb.probe.max_triggered, cb.probe.lookahead) == ("linear", 2, False)
     monitor = list(inspect.signature(CoherenceMonitor).parameters)
     ours = [n for n in params if n in monitor]
     assert ours == [n for n in monitor if n in params]  # the monitor's order
