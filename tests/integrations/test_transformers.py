@@ -16,7 +16,7 @@ from transformers import Trainer
 from torch_coherence.callbacks import CoherenceTrainerCallback
 from torch_coherence.integrations.tensorboard import describe, is_coherence_tag
 from torch_coherence.integrations.transformers import causal_lm_loss, infer_loss
-from torch_coherence.probe import CoherenceWarning
+from torch_coherence.probe import BlowupWarning, CoherenceWarning
 
 
 def _train(tmp_path, model, kind, callbacks, **kw):
@@ -94,7 +94,8 @@ def test_stop_sets_should_training_stop(tmp_path) -> None:
     cb = CoherenceTrainerCallback(
         max_overhead=None, every_n_steps=1, probe_size=8, on_unstable="stop"
     )
-    with pytest.warns(CoherenceWarning, match="unstable"):
+    # on_unstable acts on the lookahead's blow-up prediction (act_on="blowup", the default)
+    with pytest.warns(BlowupWarning, match="predicted to blow up at learning rate 500"):
         trainer = _train(tmp_path, tiny_bert(), "single_label", [cb], learning_rate=500.0)
     # the pre-flight probe at step 0 asked to stop; the Trainer reads control after a step
     assert trainer.state.global_step == 1 and cb.history[0]["step"] == 0

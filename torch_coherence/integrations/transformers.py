@@ -257,6 +257,7 @@ class CoherenceTrainerCallback(TrainerCallback):
         self._effective_batch: float | None = None
         self._trainer: Trainer | None = None
         self._hook: Any = None
+        self._hooked: nn.Module | None = None
         self._losses: list[torch.Tensor] = []
         self._tensorboard: list[TensorBoardLog] = []
         self._notes = NonFiniteNotes()
@@ -293,7 +294,7 @@ class CoherenceTrainerCallback(TrainerCallback):
         for log in self._tensorboard:
             log.write_layout()
         self._remove_hook()
-        self._hook = model.register_forward_hook(self._record_loss)
+        self._hook_on(model)
         self._losses = []
         self.probe.steps = int(state.global_step)
         self.probe.start()
@@ -305,10 +306,29 @@ class CoherenceTrainerCallback(TrainerCallback):
         self._remove_hook()
         return control
 
+    def _hook_on(self, model: nn.Module | None) -> None:
+        self._hooked = model
+        if model is not None:
+            self._hook = model.register_forward_hook(self._record_loss)
+
     def _remove_hook(self) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+    def _measure(self, model: nn.Module, optimizer: Any) -> ProbeResult:
+        """The probe's measurement with the loss hook detached.
+
+        The lookahead deep-copies the model, forward hooks included: this hook is bound to
+        the callback, which holds the Trainer (and its locks, which cannot be copied), and a
+        copy of it would record the lookahead's losses as training losses.
+        """
+        hooked = self._hooked
+        self._remove_hook()
+        try:
+            return self.probe.measure(model, optimizer, self._effective_batch)
+        finally:
+            self._hook_on(hooked)
 
     def _record_loss(self, module: nn.Module, args: Any, output: Any) -> None:
         """Forward hook: keep the training loss the model returned (detached)."""
@@ -344,7 +364,7 @@ class CoherenceTrainerCallback(TrainerCallback):
         model = self._trainer.model
         result = None
         if state.is_world_process_zero:
-            result = self.probe.measure(model, optimizer, self._effective_batch)
+            result = self._measure(model, optimizer)
         result = _broadcast(result, args.world_size)
         old_lr = effective_optimizer_params(optimizer)["lr"]
 
