@@ -13,7 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from torch_coherence import CoherenceMonitor
 from torch_coherence.optim import SAM
-from torch_coherence.probe import CoherenceWarning
+from torch_coherence.probe import BlowupWarning
 
 
 def _data(n: int = 64) -> TensorDataset:
@@ -107,7 +107,8 @@ def test_stop_and_state_dict() -> None:
         on_unstable="stop",
     )
     opt = torch.optim.SGD(model.parameters(), lr=500.0)
-    with pytest.warns(CoherenceWarning, match="typically unstable"):
+    # on_unstable acts on the lookahead's blow-up prediction (act_on="blowup", the default)
+    with pytest.warns(BlowupWarning, match="predicted to blow up at learning rate 500"):
         _train(model, opt, monitor, steps=5)
     assert monitor.should_stop and len(monitor.history) == 1
     state = monitor.state_dict()
