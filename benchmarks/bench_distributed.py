@@ -1,7 +1,8 @@
 """DDP probe cost: rank 0 measures and broadcasts, against the Gram's terms split over ranks.
 
 Two gloo processes on the CPU (one thread each) hold the same model, as under DDP. Per
-configuration, medians of ``--repeats`` after a warm-up, each timed on rank 0 from a barrier:
+configuration, medians of ``--repeats`` after a warm-up, the two designs interleaved, each
+timed on rank 0 from a barrier:
 
 * ``rank 0 + broadcast``: rank 0 runs :func:`torch_coherence.measure_curvature` on the whole
   model (``sharpness=None``, ``return_gram=True``) and broadcasts the small result
@@ -51,15 +52,18 @@ def mlp(widths: tuple[int, ...]) -> nn.Module:
     return nn.Sequential(*layers[:-1])
 
 
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def _time(fns: list, repeats: int) -> list[float]:
+    """Medians of ``repeats`` timings of each function, interleaved (load drifts alike)."""
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for fn, acc in zip(fns, times, strict=True):
+            dist.barrier()
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def _rank0(rank: int, model: nn.Module, xb, yb, loss) -> None:
@@ -94,8 +98,13 @@ def worker(rank: int, port: int, args: argparse.Namespace, out: Path) -> None:
         model = mlp(widths)
         for m in args.probe_sizes:
             xb, yb = x[:m], y[:m]
-            t_rank0 = _time(functools.partial(_rank0, rank, model, xb, yb, loss), args.repeats)
-            t_split = _time(functools.partial(_split, model, xb, yb, loss), args.repeats)
+            t_rank0, t_split = _time(
+                [
+                    functools.partial(_rank0, rank, model, xb, yb, loss),
+                    functools.partial(_split, model, xb, yb, loss),
+                ],
+                args.repeats,
+            )
             rows.append({"model": name, "m": m, "rank0": t_rank0, "split": t_split})
     if rank == 0:
         (out / "rows.json").write_text(json.dumps(rows))

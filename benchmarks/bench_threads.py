@@ -19,7 +19,8 @@ while wall time does not is threads waiting for each other (spinning) instead of
 ``torch.set_num_threads`` (PyTorch's default, the number of physical cores). The load average
 (``os.getloadavg``) is printed before and after every cell: the machine may be shared.
 
-Run:  python benchmarks/bench_threads.py --threads 0 1 2 4 --busy 0 2 --repeats 3
+Run:  python benchmarks/bench_threads.py --threads 1 2 --busy 0 1 --repeats 1   (docs/threads.md;
+      30 minutes on the loaded 2-core machine, most of it in the 2-thread cells)
 """
 
 from __future__ import annotations
@@ -150,7 +151,7 @@ def cell(threads: int, busy: int, args: argparse.Namespace) -> dict[str, float |
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[0, 1, 2, 4])
-    parser.add_argument("--busy", type=int, nargs="+", default=[0, 2])
+    parser.add_argument("--busy", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--probe-size", type=int, default=256)
     parser.add_argument(

@@ -177,8 +177,11 @@ class Policy:
             out.append((text.gram_missing(step, self.criterion), CoherenceWarning))
             state = replace(state, noted_gram=True)
         state = self._approach(step, report, used, unstable, margin, crit, same, state, out)
+        # the linear warning re-arms only below the warning band (margin < margin_warning,
+        # or < 1 without one): a verdict flapping around its boundary warns once
+        calm = math.isfinite(margin) and margin < (self.margin_warning or 1.0)
         state = self._linear(
-            step, assessment, used, unstable, crit, same, state, out, edge_of_stability
+            step, assessment, used, unstable, crit, same and calm, state, out, edge_of_stability
         )
         predicted = bool(lookahead is not None and lookahead.predicted)
         if predicted and state.blowup:
@@ -204,7 +207,7 @@ class Policy:
             return replace(state, approach=True)
         return state
 
-    def _linear(self, step, assessment, used, unstable, crit, same, state, out, eos):
+    def _linear(self, step, assessment, used, unstable, crit, rearm, state, out, eos):
         report, metrics = assessment.report, assessment.metrics
         # the mean-square-only case, said once per crossing, when gamma is the criterion
         rate = metrics.get("stability/mean_square_rate")
@@ -226,7 +229,7 @@ class Policy:
                 msg = text.linear_unstable(step, report, used, metrics, crit)
                 out.append((msg, LinearInstabilityWarning))
                 state = replace(state, linear=False, approach=False)
-        elif same:
+        elif rearm:
             state = replace(state, linear=True)
         return state
 
