@@ -51,6 +51,8 @@ def test_gpt2_metrics_go_through_the_trainers_logging(tmp_path, monkeypatch) -> 
     assert cb.probe.loss is causal_lm_loss
     assert [h["step"] for h in cb.history] == [0, 2]  # pre-flight, then the schedule
     assert all("error" not in h for h in cb.history), cb.history
+    # the lookahead ran its short real runs with the per-sequence LM loss (no failure note)
+    assert all("stability/blowup_lr" in h for h in cb.history), cb.history
     probed = [e for e in trainer.state.log_history if "coherence/sigma" in e]
     assert [e["step"] for e in probed] == [0, 2]
     assert probed[-1]["coherence/sigma"] == cb.history[-1]["coherence/sigma"]
