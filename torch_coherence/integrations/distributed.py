@@ -32,12 +32,12 @@ Requirements, checked before anything is computed:
 
 The engine's self-check (:mod:`torch_coherence.curvature.selfcheck`) compares every block with
 autograd gradients taken with respect to the parameters. On plain replicas (DDP) it runs on
-every rank with the same seed. FSDP2's sharded parameters (``DTensor``) receive no such
-gradient (FSDP2 reduce-scatters into ``.grad`` from its own hooks; autograd's answer for the
-sharded tensor is not the block's gradient), so the check would declare every sharded block
-wrong and refit it through the ``torch.func`` fallback on sharded tensors: under FSDP2 it is
-switched off, and the sharded result rests on the layer rules alone (the test compares it
-with the single-process, self-checked engine).
+every rank with the same seed. Under FSDP2 the parameters of a sharded block are ``DTensor``
+shards between its all-gathers, and autograd with respect to them does not give the block's
+gradient (observed on the test model: the check found a correct sharded ``nn.Linear`` block
+wrong, and its ``torch.func`` refit then failed on mixed ``Tensor``/``DTensor`` operands). So
+under FSDP2 the check is switched off and the sharded result rests on the layer rules alone
+(the test compares it with the single-process, self-checked engine).
 
 Not computed here: the Hessian sharpness (its Lanczos products are the same on every rank and
 gain nothing from the split) and the gradient noise scale.
