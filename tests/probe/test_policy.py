@@ -189,5 +189,7 @@ def test_the_lookahead_steps_one_real_optimizer() -> None:
     wrapped = SimpleNamespace(_optimizer=opt)
     assert _single_optimizer(wrapped) is opt
     assert _single_optimizer(SimpleNamespace(optimizers=[wrapped])) is opt
+    accelerated = SimpleNamespace(optimizer=opt)  # accelerate's AcceleratedOptimizer
+    assert _single_optimizer(SimpleNamespace(_optimizer=accelerated)) is opt
     with pytest.raises(TypeError, match="one optimizer; this model trains with 2"):
         _single_optimizer(SimpleNamespace(optimizers=[opt, sgd(0.2)]))

@@ -172,8 +172,9 @@ def _default_lookahead() -> Any:
 
 
 def _single_optimizer(optimizer: Any) -> torch.optim.Optimizer:
-    """The one torch optimizer the lookahead steps (a Lightning wrapper or a one-optimizer
-    composite unwrapped); several optimizers are refused (named in the lookahead's note)."""
+    """The one torch optimizer the lookahead steps (a Lightning wrapper, accelerate's wrapper
+    or a one-optimizer composite unwrapped); several optimizers are refused (named in the
+    lookahead's note)."""
     opt = _unwrap(optimizer)
     inner = getattr(opt, "optimizers", None)
     if not isinstance(opt, torch.optim.Optimizer) and isinstance(inner, (list, tuple)):
@@ -182,6 +183,12 @@ def _single_optimizer(optimizer: Any) -> torch.optim.Optimizer:
                 f"the lookahead steps one optimizer; this model trains with {len(inner)}"
             )
         opt = _unwrap(inner[0])
+    # accelerate's AcceleratedOptimizer (transformers.Trainer) is an Optimizer holding the
+    # real one as ``.optimizer``, with a lock that cannot be copied
+    while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
+        if opt.optimizer is opt:
+            break
+        opt = opt.optimizer
     return opt
 
 
