@@ -146,6 +146,12 @@ def test_shared_options_have_the_probes_names_and_defaults() -> None:
             assert params[name].annotation == probe[name].annotation, (cls.__name__, name)
         for name in ("loss", "probe", "dataset_size"):
             assert name in params
+        for name in (*SHARED_OPTIONS, *EXTRA_OPTIONS):
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, (cls.__name__, name)
+    # the callback's options in the monitor's order
+    order = list(inspect.signature(CoherenceMonitor).parameters)
+    ours = [n for n in inspect.signature(CoherenceCallback).parameters if n in order]
+    assert ours == [n for n in order if n in ours]
     cb = CoherenceCallback(every_n_steps=7, max_overhead=None, seed=3, sharpness="ggn")
     assert (cb.probe.every_n_steps, cb.probe.max_overhead, cb.probe.seed) == (7, None, 3)
     assert cb.probe.sharpness == "ggn"
