@@ -304,6 +304,7 @@ class CoherenceTrainerCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         self._remove_hook()
+        self._hooked = None
         return control
 
     def _hook_on(self, model: nn.Module | None) -> None:
