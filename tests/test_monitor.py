@@ -13,7 +13,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from torch_coherence import CoherenceMonitor
 from torch_coherence.optim import SAM
-from torch_coherence.probe import CoherenceWarning
+from torch_coherence.probe import BlowupWarning
 
 
 def _data(n: int = 64) -> TensorDataset:
@@ -107,7 +107,8 @@ def test_stop_and_state_dict() -> None:
         on_unstable="stop",
     )
     opt = torch.optim.SGD(model.parameters(), lr=500.0)
-    with pytest.warns(CoherenceWarning, match="typically unstable"):
+    # on_unstable acts on the lookahead's blow-up prediction (act_on="blowup", the default)
+    with pytest.warns(BlowupWarning, match="predicted to blow up at learning rate 500"):
         _train(model, opt, monitor, steps=5)
     assert monitor.should_stop and len(monitor.history) == 1
     state = monitor.state_dict()
@@ -135,19 +136,30 @@ def test_shared_options_have_the_probes_names_and_defaults() -> None:
     import inspect
 
     from torch_coherence.callbacks import CoherenceCallback
-    from torch_coherence.probe import SHARED_OPTIONS, CoherenceProbe
+    from torch_coherence.probe import EXTRA_OPTIONS, SHARED_OPTIONS, CoherenceProbe
 
     probe = inspect.signature(CoherenceProbe).parameters
     for cls in (CoherenceMonitor, CoherenceCallback):
         params = inspect.signature(cls).parameters
-        for name in SHARED_OPTIONS:
+        for name in (*SHARED_OPTIONS, *EXTRA_OPTIONS):
             assert params[name].default == probe[name].default, (cls.__name__, name)
             assert params[name].annotation == probe[name].annotation, (cls.__name__, name)
         for name in ("loss", "probe", "dataset_size"):
             assert name in params
+        for name in (*SHARED_OPTIONS, *EXTRA_OPTIONS):
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, (cls.__name__, name)
+    # the callback's options in the monitor's order
+    order = list(inspect.signature(CoherenceMonitor).parameters)
+    ours = [n for n in inspect.signature(CoherenceCallback).parameters if n in order]
+    assert ours == [n for n in order if n in ours]
     cb = CoherenceCallback(every_n_steps=7, max_overhead=None, seed=3, sharpness="ggn")
     assert (cb.probe.every_n_steps, cb.probe.max_overhead, cb.probe.seed) == (7, None, 3)
     assert cb.probe.sharpness == "ggn"
+    extra = {"act_on": "linear", "max_triggered": 2, "lookahead": False, "estimates": "dataset"}
+    monitor = CoherenceMonitor(_model(), nn.CrossEntropyLoss(), _data(), **extra)
+    for made in (CoherenceCallback(**extra), monitor):
+        assert (made.probe.act_on, made.probe.max_triggered) == ("linear", 2)
+        assert (made.probe.lookahead, made.probe.estimates) == (False, "dataset")
 
 
 def test_start_is_the_pre_flight_probe_and_the_loss_guard_triggers() -> None:

@@ -446,7 +446,9 @@ def test_stability_verdict_wording():
     assert stability_verdict(1.3, -0.2).startswith(
         "mean-square unstable: fluctuations grow without bound although most runs still settle"
     )
-    assert stability_verdict(1.3, 0.2).startswith("typically unstable: a typical run of the linearized dynamics diverges")
+    assert stability_verdict(1.3, 0.2).startswith(
+        "typically unstable: a typical run of the linearized dynamics diverges"
+    )
     assert stability_verdict(0.8, -0.2).startswith("stable")
     est = LyapunovEstimate(0.01, 0.01, 1000, 16, 200, False, "monte_carlo", 10)
     assert stability_verdict(1.1, est).startswith("borderline")

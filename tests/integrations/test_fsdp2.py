@@ -116,9 +116,9 @@ def test_one_rank_equals_the_engine_and_restores_the_model(one_rank) -> None:
 def test_uncovered_layers_are_refused(one_rank) -> None:
     from torch_coherence.integrations.distributed import measure_curvature_sharded
 
-    model = nn.Sequential(nn.Linear(6, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    model = nn.Sequential(nn.Linear(6, 4), nn.PReLU(4), nn.Linear(4, 3))  # no rule for PReLU
     x, y = data()
-    with pytest.raises(ValueError, match=r"\['1.weight', '1.bias'\].*ghost rules"):
+    with pytest.raises(ValueError, match=r"\['1.weight'\].*layer rules cover"):
         measure_curvature_sharded(model, x[:4], y[:4], nn.CrossEntropyLoss())
     res = measure_curvature_sharded(
         model, x[:4], y[:4], nn.CrossEntropyLoss(), params=["0.weight", "2.weight", "2.bias"]
@@ -134,6 +134,22 @@ def test_uncovered_layers_are_refused(one_rank) -> None:
     assert res.stats.sigma == pytest.approx(ref.stats.sigma, rel=1e-12)
     with pytest.raises(ValueError, match="not parameter names"):
         measure_curvature_sharded(model, x[:4], y[:4], nn.CrossEntropyLoss(), params=["nope"])
+
+
+def test_layers_the_registry_covers_are_split_too(one_rank) -> None:
+    """A LayerNorm (materialised rows of the norm rule) is a term like a ghost layer."""
+    from torch_coherence.integrations.distributed import measure_curvature_sharded
+
+    model = nn.Sequential(nn.Linear(6, 4), nn.LayerNorm(4), nn.Linear(4, 3))
+    x, y = data()
+    res = measure_curvature_sharded(model, x[:5], y[:5], nn.CrossEntropyLoss())
+    ref = measure_curvature(
+        model, x[:5], y[:5], nn.CrossEntropyLoss(), sharpness="ggn", return_gram=True
+    )
+    assert sorted(i for t in res.terms for i in t) == [0, 1, 2]
+    assert res.stats.sigma == pytest.approx(ref.stats.sigma, rel=1e-12)
+    assert res.ggn_sharpness == pytest.approx(ref.ggn_sharpness, rel=1e-12)
+    assert torch.allclose(res.gram, ref.gram.to(torch.float64).reshape(res.gram.shape), rtol=1e-10)
 
 
 def test_sharded_probe_needs_a_process_group() -> None:

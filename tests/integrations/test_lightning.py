@@ -15,7 +15,13 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
 from torch_coherence.callbacks import CoherenceCallback
 from torch_coherence.integrations.tensorboard import describe
-from torch_coherence.probe import TAGS, CoherenceProbe, CoherenceWarning
+from torch_coherence.probe import (
+    TAGS,
+    BlowupWarning,
+    CoherenceProbe,
+    CoherenceWarning,
+    LinearInstabilityWarning,
+)
 
 pytestmark = pytest.mark.usefixtures("quiet_lightning")
 
@@ -54,22 +60,26 @@ def test_fit_logs_tags_to_tensorboard(tmp_path) -> None:
     assert "custom_scalars__config__" in acc.Tags()["tensors"]
 
 
-@pytest.mark.parametrize(("max_overhead", "figures"), [(None, [6, 12, 18]), (1e-4, [])])
+@pytest.mark.parametrize(
+    ("max_overhead", "probes", "figures"), [(None, [0, 9], [6, 12, 18]), (1e-4, [0], [])]
+)
 def test_phase_plane_only_after_new_probes_and_within_budget(
-    tmp_path, max_overhead, figures
+    tmp_path, max_overhead, probes, figures
 ) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cb = CoherenceCallback(max_overhead=max_overhead, every_n_steps=9, probe_size=16)
     logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
     _fit(tmp_path, TinyClassifier(), [cb], logger=logger, max_epochs=4, max_steps=-1)
-    assert [h["step"] for h in cb.history][:2] == [0, 9]  # pre-flight, then the schedule
+    # pre-flight, then the schedule; a budget of 0.01 % postpones every scheduled probe (one
+    # costs far more than 0.01 % of 24 tiny training steps), the pre-flight one is outside it
+    assert [h["step"] for h in cb.history][:2] == probes
     (event_file,) = glob.glob(str(tmp_path / "tb" / "version_0" / "events.*"))
     acc = EventAccumulator(event_file, size_guidance={"images": 0})
     acc.Reload()
     images = acc.Tags()["images"]
     # 6 steps an epoch: probes at steps 0, 9 and 18 (epochs 1, 2 and 3), none in epoch 4;
-    # with a budget of 0.01 % no figure (about 0.1 s) fits
+    # with a budget of 0.01 % no figure (about 0.1 s) fits, not even after the pre-flight probe
     steps = [e.step for e in acc.Images("coherence/phase_plane")] if images else []
     assert steps == figures
 
@@ -77,8 +87,8 @@ def test_phase_plane_only_after_new_probes_and_within_budget(
 @pytest.mark.parametrize(
     ("criterion", "phrases"),
     [
-        ("theorem1", ["is above the critical", "mean-square divergence of the linearized"]),
-        ("typical", ["typically unstable: training will diverge", "gamma = +"]),
+        ("theorem1", ["Theorem 1's margin", "mean-square divergence of the linearized"]),
+        ("typical", ["top Lyapunov exponent gamma = +", "below the typical critical"]),
     ],
 )
 def test_warns_above_critical_lr_not_at_half(tmp_path, criterion, phrases) -> None:
@@ -102,14 +112,21 @@ def test_warns_above_critical_lr_not_at_half(tmp_path, criterion, phrases) -> No
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")
             _fit(tmp_path, m, [cb], max_steps=1)
-        return [str(w.message) for w in rec if issubclass(w.category, CoherenceWarning)]
+        return [
+            (w.category, str(w.message)) for w in rec if issubclass(w.category, CoherenceWarning)
+        ]
 
     assert fit_at(0.5 * critical) == []
     above = fit_at(2.0 * critical)
     assert len(above) == 1, above
-    assert f"criterion {criterion!r}" in above[0]
+    # the linear verdict: its own category, and no claim that training diverges
+    category, message = above[0]
+    assert category is LinearInstabilityWarning
+    assert f"criterion {criterion!r}" in message
+    assert "the linearized dynamics at these weights are unstable" in message
+    assert "not necessarily divergence" in message and "will diverge" not in message
     for phrase in phrases:
-        assert phrase in above[0]
+        assert phrase in message
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -149,7 +166,8 @@ def test_failing_probe_warns_and_training_continues(tmp_path) -> None:
 
 def test_stop_sets_should_stop(tmp_path) -> None:
     cb = CoherenceCallback(max_overhead=None, every_n_steps=1, probe_size=16, on_unstable="stop")
-    with pytest.warns(CoherenceWarning, match="typically unstable: training will diverge"):
+    # on_unstable acts on the lookahead's blow-up prediction (act_on="blowup", the default)
+    with pytest.warns(BlowupWarning, match="predicted to blow up at learning rate 50"):
         trainer = _fit(tmp_path, TinyClassifier(lr=50.0, norm=False), [cb], max_steps=6)
     assert trainer.global_step < 6
 

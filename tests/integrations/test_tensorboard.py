@@ -50,7 +50,11 @@ def _read(path):
 def test_readable_values_are_the_reports_numbers(result) -> None:
     report = result.report
     scalars, non_finite = readable_metrics(result.metrics, report)
-    assert non_finite == {}
+    # the lookahead ran (max_overhead=None) and no tested multiple of lr 0.3 blew up: its
+    # blow-up lr is inf, a note rather than a scalar; everything else is finite
+    assert result.lookahead is not None and not any(result.lookahead.blew_up)
+    assert non_finite == {"stability/blowup_lr": math.inf}
+    assert "stability/blowup_lr" not in scalars
     assert scalars["optimizer/lr"] == 0.3
     assert scalars["readable/gd_ratio"] == pytest.approx(report.sharpness / report.gd_threshold)
     # the GD threshold with momentum 0.5 is 2 (1 + 0.5) / lr: the ratio is lr lambda / 3
@@ -90,8 +94,11 @@ def test_infinite_values_become_a_note_not_a_gap(tmp_path, result) -> None:
     assert [e.step for e in events] == [3]  # inf never written as a scalar
     assert [e.step for e in acc.Scalars("coherence/sigma")] == [1, 2, 3]
     notes = acc.Tensors(f"{NOTES_TAG}/text_summary")
-    assert [e.step for e in notes] == [1]  # once, when it turned infinite
-    text = notes[0].tensor_proto.string_val[0].decode()
-    assert "stability/critical_batch_size = inf" in text and "not plotted" in text
+    # once per tag, when it turned infinite: the critical batch size, and the lookahead's
+    # blow-up lr (inf throughout: none of its learning rates blew up)
+    assert [e.step for e in notes] == [1, 1]
+    texts = sorted(e.tensor_proto.string_val[0].decode() for e in notes)
+    assert texts[0].startswith("stability/blowup_lr = inf at step 1 (not plotted")
+    assert texts[1].startswith("stability/critical_batch_size = inf at step 1 (not plotted")
     for tag in acc.Tags()["scalars"]:
         assert acc.SummaryMetadata(tag).summary_description == describe(tag), tag

@@ -16,7 +16,7 @@ from transformers import Trainer
 from torch_coherence.callbacks import CoherenceTrainerCallback
 from torch_coherence.integrations.tensorboard import describe, is_coherence_tag
 from torch_coherence.integrations.transformers import causal_lm_loss, infer_loss
-from torch_coherence.probe import CoherenceWarning
+from torch_coherence.probe import BlowupWarning, CoherenceWarning
 
 
 def _train(tmp_path, model, kind, callbacks, **kw):
@@ -51,6 +51,8 @@ def test_gpt2_metrics_go_through_the_trainers_logging(tmp_path, monkeypatch) -> 
     assert cb.probe.loss is causal_lm_loss
     assert [h["step"] for h in cb.history] == [0, 2]  # pre-flight, then the schedule
     assert all("error" not in h for h in cb.history), cb.history
+    # the lookahead ran its short real runs with the per-sequence LM loss (no failure note)
+    assert all("stability/blowup_lr" in h for h in cb.history), cb.history
     probed = [e for e in trainer.state.log_history if "coherence/sigma" in e]
     assert [e["step"] for e in probed] == [0, 2]
     assert probed[-1]["coherence/sigma"] == cb.history[-1]["coherence/sigma"]
@@ -94,7 +96,8 @@ def test_stop_sets_should_training_stop(tmp_path) -> None:
     cb = CoherenceTrainerCallback(
         max_overhead=None, every_n_steps=1, probe_size=8, on_unstable="stop"
     )
-    with pytest.warns(CoherenceWarning, match="unstable"):
+    # on_unstable acts on the lookahead's blow-up prediction (act_on="blowup", the default)
+    with pytest.warns(BlowupWarning, match="predicted to blow up at learning rate 500"):
         trainer = _train(tmp_path, tiny_bert(), "single_label", [cb], learning_rate=500.0)
     # the pre-flight probe at step 0 asked to stop; the Trainer reads control after a step
     assert trainer.state.global_step == 1 and cb.history[0]["step"] == 0
@@ -147,13 +150,15 @@ def test_options_keyword_only_with_the_probes_names_and_defaults() -> None:
     import inspect
 
     from torch_coherence import CoherenceMonitor
-    from torch_coherence.probe import SHARED_OPTIONS, CoherenceProbe
+    from torch_coherence.probe import EXTRA_OPTIONS, SHARED_OPTIONS, CoherenceProbe
 
     params = inspect.signature(CoherenceTrainerCallback).parameters
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params.values())
     probe = inspect.signature(CoherenceProbe).parameters
-    for name in SHARED_OPTIONS:
+    for name in (*SHARED_OPTIONS, *EXTRA_OPTIONS):
         assert params[name].default == probe[name].default, name
+    cb = CoherenceTrainerCallback(act_on="linear", max_triggered=2, lookahead=False)
+    assert (cb.probe.act_on, cb.probe.max_triggered, cb.probe.lookahead) == ("linear", 2, False)
     monitor = list(inspect.signature(CoherenceMonitor).parameters)
     ours = [n for n in params if n in monitor]
     assert ours == [n for n in monitor if n in params]  # the monitor's order

@@ -573,3 +573,31 @@ def test_result_survives_pickling_for_the_ddp_broadcast() -> None:
     other = _probe(ScriptedEngine())
     other.commit(back, warn=collect([]))
     assert other.armed == probe.armed and other.history == probe.history
+
+
+def test_lookahead_takes_a_per_sample_loss_as_the_mean_of_its_values() -> None:
+    """A per-sample callable loss (the engine's convention, e.g. a causal LM's loss of one
+    sequence) is averaged over the lookahead's batches: the same short runs as with the
+    equivalent loss module. Called on a whole batch, this one would raise."""
+
+    def per_sample(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out.unsqueeze(0), target.unsqueeze(0))
+
+    model, (x, y) = _tiny_problem()
+    runs = []
+    for loss in (nn.CrossEntropyLoss(), per_sample):
+        probe = CoherenceProbe(
+            loss=loss,
+            probe=(x, y),
+            dataset_size=12,
+            max_overhead=None,
+            lyapunov=False,
+            criterion="theorem1",
+        )
+        res = probe.measure(model, torch.optim.SGD(model.parameters(), lr=3.0), 4)
+        assert res.error is None and res.lookahead is not None, res.messages
+        runs.append(res.lookahead)
+    module, callable_ = runs
+    assert callable_.loss_start == pytest.approx(module.loss_start, rel=1e-6)
+    assert list(callable_.blew_up) == list(module.blew_up)
+    assert list(callable_.loss_end) == pytest.approx(list(module.loss_end), rel=1e-5)

@@ -20,14 +20,24 @@ gloo reports "Detected mismatch between collectives", all-gathers of 26 against 
 Requirements, checked before anything is computed:
 
 * every rank passes the same probe batch (a checksum is compared across ranks);
-* every measured parameter belongs to a layer the engine's ghost rules cover (``nn.Linear``,
-  ``nn.Conv1d/2d`` with groups 1 and numeric zero padding, ``nn.Embedding`` without
-  ``max_norm``; :mod:`torch_coherence.curvature.rules`). Other parameters would go to the
-  engine's ``torch.func`` fallback, whose operations on sharded tensors are collectives of
-  their own: they are refused, not approximated. Pass ``params=`` to measure a covered subset.
+* every measured parameter belongs to a layer one of the engine's registered layer rules
+  supports as configured (:func:`torch_coherence.curvature.layers.find_rule`: ``nn.Linear``,
+  ``nn.Conv1d/2d``, ``nn.Embedding``, affine norms, ``nn.MultiheadAttention``). Other
+  parameters would go to the engine's ``torch.func`` fallback, whose operations on sharded
+  tensors are collectives of their own: they are refused, not approximated. Pass ``params=``
+  to measure a covered subset.
 * ``fully_shard`` is applied to containers (blocks, the root), not to an ``nn.Linear`` itself:
   FSDP2 turns the class of a module it shards into a subclass (``FSDPLinear``), which the
-  engine's rule table, keyed by exact type, does not recognise.
+  engine's registry, keyed by exact type, does not recognise.
+
+The engine's self-check (:mod:`torch_coherence.curvature.selfcheck`) compares every block with
+autograd gradients taken with respect to the parameters. On plain replicas (DDP) it runs on
+every rank with the same seed. Under FSDP2 the parameters of a sharded block are ``DTensor``
+shards between its all-gathers, and autograd with respect to them does not give the block's
+gradient (observed on the test model: the check found a correct sharded ``nn.Linear`` block
+wrong, and its ``torch.func`` refit then failed on mixed ``Tensor``/``DTensor`` operands). So
+under FSDP2 the check is switched off and the sharded result rests on the layer rules alone
+(the test compares it with the single-process, self-checked engine).
 
 Not computed here: the Hessian sharpness (its Lanczos products are the same on every rank and
 gain nothing from the split) and the gradient noise scale.
@@ -51,9 +61,9 @@ from torch import nn
 from .._state import preserved_state
 from ..coherence import CoherenceStats, coherence_from_gram
 from ..curvature.gram import Forward, GramFactors, gram_factors
+from ..curvature.layers import find_rule
 from ..curvature.losses import check_loss, output_curvature
 from ..curvature.measure import _sigma_full
-from ..curvature.rules import RULES
 
 __all__ = ["ShardedCurvature", "deal_terms", "measure_curvature_sharded"]
 
@@ -84,17 +94,22 @@ class ShardedCurvature:
     seconds: float
 
 
-def _covered(mod: nn.Module) -> bool:
-    """Whether the engine's ghost rule for ``type(mod)`` applies to this configuration."""
-    if type(mod) not in RULES:
-        return False
-    if set(dict(mod.named_parameters(recurse=False))) - {"weight", "bias"}:
-        return False
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d)):
-        return mod.groups == 1 and mod.padding_mode == "zeros" and not isinstance(mod.padding, str)
-    if isinstance(mod, nn.Embedding):
-        return mod.max_norm is None
-    return True
+def _covered_params(mod: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters (by name relative to ``mod``) a registered layer rule covers in ``mod``.
+
+    Mirrors the engine's own split (:func:`torch_coherence.curvature.gram.gram_factors`): a
+    module is covered when ``find_rule(mod) is not None`` and it holds no parameters besides
+    ``weight``/``bias`` (or those the rule's ``params(mod)`` names).
+    """
+    rule = find_rule(mod)
+    if rule is None:
+        return {}
+    if hasattr(rule, "params"):
+        return dict(rule.params(mod))
+    direct = dict(mod.named_parameters(recurse=False))
+    if set(direct) - {"weight", "bias"}:
+        return {}
+    return direct
 
 
 def _selected(model: nn.Module, params: Sequence[str] | None) -> dict[str, torch.Tensor]:
@@ -113,18 +128,17 @@ def _selected(model: nn.Module, params: Sequence[str] | None) -> dict[str, torch
             owners[id(p)] = owners.get(id(p), 0) + 1
     ok: set[str] = set()
     for prefix, mod in model.named_modules():
-        if not _covered(mod):
-            continue
-        for k, p in mod.named_parameters(recurse=False):
+        for k, p in _covered_params(mod).items():
             if owners[id(p)] == 1:
                 ok.add(f"{prefix}.{k}" if prefix else k)
     bad = [k for k in wanted if k not in ok]
     if bad:
         raise ValueError(
-            f"model: parameters {bad[:8]} are not in layers the engine's ghost rules cover "
-            "(nn.Linear, nn.Conv1d/2d with groups=1, nn.Embedding), so their Gram terms cannot "
-            "be split over ranks; pass params= with covered layers only, and apply fully_shard "
-            "to the blocks that contain the layers rather than to a layer itself"
+            f"model: parameters {bad[:8]} are not in layers the engine's layer rules cover "
+            "(nn.Linear, nn.Conv1d/2d, nn.Embedding, affine norms, nn.MultiheadAttention), so "
+            "their Gram terms cannot be split over ranks; pass params= with covered layers only, "
+            "and apply fully_shard to the blocks that contain the layers rather than to a layer "
+            "itself"
         )
     if not wanted:
         raise ValueError("params: nothing to measure (no trainable parameter selected)")
@@ -132,7 +146,13 @@ def _selected(model: nn.Module, params: Sequence[str] | None) -> dict[str, torch
 
 
 def _term_costs(facs: GramFactors) -> list[float]:
-    """Flop estimates of the layer terms of K, ghost terms first, in the factors' order."""
+    """Flop estimates of the terms of K, ghost terms first, then the rows, in the factors' order.
+
+    A block already summed into ``facs.dense`` is not a term (the engine does so only when
+    streaming, which the sharded path does not ask for); it is refused rather than dropped.
+    """
+    if facs.dense is not None:
+        raise RuntimeError("the engine returned a summed Gram block, which cannot be dealt out")
     m, R = facs.m, facs.R
     costs = []
     for g in facs.ghosts:
@@ -162,11 +182,23 @@ def deal_terms(costs: Sequence[float], world_size: int) -> list[list[int]]:
 
 def _subset(facs: GramFactors, picked: Sequence[int]) -> GramFactors:
     """The factors of the chosen terms only (no copies)."""
-    part = GramFactors(m=facs.m, R=facs.R)
+    part = GramFactors(m=facs.m, R=facs.R, notes=facs.notes)
     n_ghost = len(facs.ghosts)
     part.ghosts.extend(facs.ghosts[i] for i in picked if i < n_ghost)
-    part.rows.extend(facs.rows[i - n_ghost] for i in picked if i >= n_ghost)
+    for i in picked:
+        if i >= n_ghost:
+            part.rows.append(facs.rows[i - n_ghost])
+            part.row_labels.append(facs.row_labels[i - n_ghost])
     return part
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is an FSDP2 shard (a ``DTensor``)."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - DTensor is part of every supported torch
+        return False
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def _reshard(model: nn.Module) -> None:
@@ -241,6 +273,7 @@ def measure_curvature_sharded(
     check_loss(loss)
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     sel = _selected(model, params)
+    sharded = _is_sharded(model)
     _check_same_batch(inputs, targets, group)
     with preserved_state(model):
         for p in model.parameters():
@@ -256,7 +289,14 @@ def measure_curvature_sharded(
         # FSDP2 keeps the root's parameters unsharded after a forward pass, registered as new
         # tensors: the engine finds layers by the tensors registered now.
         live = dict(model.named_parameters())
-        facs = gram_factors(model, inputs, sqrt, {k: live[k] for k in sel}, forward_fn=forward_fn)
+        facs = gram_factors(
+            model,
+            inputs,
+            sqrt,
+            {k: live[k] for k in sel},
+            forward_fn=forward_fn,
+            check=0 if sharded else 2,
+        )
         dealt = deal_terms(_term_costs(facs), world)
         gram = _subset(facs, dealt[rank]).full().contiguous()
         del facs

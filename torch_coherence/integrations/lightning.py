@@ -88,9 +88,10 @@ class CoherenceCallback(pl.Callback):
         batch_size: examples per optimizer step; default the train dataloader's
             ``batch_size`` x ``accumulate_grad_batches`` x world size.
         every_n_steps, max_overhead, probe_size, on_unstable, margin_warning, lr_safety,
-            sharpness, seed, mean_square_rate, lyapunov, criterion, forward_fn,
-            engine_kwargs: the probe's options
-            (:data:`~torch_coherence.probe.SHARED_OPTIONS`), documented and validated by
+            sharpness, seed, mean_square_rate, lyapunov, criterion, act_on, max_triggered,
+            lookahead, estimates, forward_fn, engine_kwargs: the probe's options
+            (:data:`~torch_coherence.probe.SHARED_OPTIONS` and
+            :data:`~torch_coherence.probe.EXTRA_OPTIONS`), documented and validated by
             :class:`~torch_coherence.probe.CoherenceProbe`; same defaults.
             ``on_unstable="stop"`` sets ``trainer.should_stop`` on every rank.
         log_figures: with a TensorBoard logger, write the (B, eta) phase plane at the end of
@@ -112,7 +113,7 @@ class CoherenceCallback(pl.Callback):
         dataset_size: int | None = None,
         batch_size: int | None = None,
         every_n_steps: int = 100,
-        max_overhead: float | None = 0.01,
+        max_overhead: float | None = 0.03,
         probe_size: int = 64,
         on_unstable: str = "warn",
         margin_warning: float | None = 0.8,
@@ -122,6 +123,10 @@ class CoherenceCallback(pl.Callback):
         mean_square_rate: bool = False,
         lyapunov: bool = True,
         criterion: str = "typical",
+        act_on: str = "blowup",
+        max_triggered: int = 10,
+        lookahead: bool = True,
+        estimates: str = "probe",
         forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         engine_kwargs: dict[str, Any] | None = None,
         log_figures: bool = True,

@@ -54,16 +54,18 @@ class CoherenceMonitor:
         writer: optional :class:`torch.utils.tensorboard.SummaryWriter`: scalars, the
             custom-scalars layout, warnings as text and (:meth:`log_figure`) the phase plane.
         every_n_steps, max_overhead, probe_size, on_unstable, margin_warning, lr_safety,
-            sharpness, seed, mean_square_rate, lyapunov, criterion, forward_fn,
-            engine_kwargs: the probe's
-            options (:data:`~torch_coherence.probe.SHARED_OPTIONS`), documented and
+            sharpness, seed, mean_square_rate, lyapunov, criterion, act_on, max_triggered,
+            lookahead, estimates, forward_fn, engine_kwargs: the probe's options
+            (:data:`~torch_coherence.probe.SHARED_OPTIONS` and
+            :data:`~torch_coherence.probe.EXTRA_OPTIONS`), documented and
             validated by :class:`~torch_coherence.probe.CoherenceProbe`; same defaults.
 
     Raises:
         ValueError: an invalid argument, named in the message.
 
     Attributes:
-        should_stop: set when ``on_unstable="stop"`` and the margin crossed 1.
+        should_stop: set when ``on_unstable="stop"`` and the verdict ``act_on`` names
+            fired (default: the lookahead predicted a blow-up).
         probe: the shared probe object (history, last report, state).
     """
 
@@ -76,7 +78,7 @@ class CoherenceMonitor:
         *,
         writer: Any = None,
         every_n_steps: int = 100,
-        max_overhead: float | None = 0.01,
+        max_overhead: float | None = 0.03,
         probe_size: int = 64,
         on_unstable: str = "warn",
         margin_warning: float | None = 0.8,
@@ -86,6 +88,10 @@ class CoherenceMonitor:
         mean_square_rate: bool = False,
         lyapunov: bool = True,
         criterion: str = "typical",
+        act_on: str = "blowup",
+        max_triggered: int = 10,
+        lookahead: bool = True,
+        estimates: str = "probe",
         forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:

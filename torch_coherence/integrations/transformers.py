@@ -208,9 +208,10 @@ class CoherenceTrainerCallback(TrainerCallback):
         batch_size: examples per optimizer step; default ``per_device_train_batch_size`` x
             ``gradient_accumulation_steps`` x world size.
         every_n_steps, max_overhead, probe_size, on_unstable, margin_warning, lr_safety,
-            sharpness, seed, mean_square_rate, lyapunov, criterion, forward_fn,
-            engine_kwargs: the probe's options
-            (:data:`~torch_coherence.probe.SHARED_OPTIONS`), documented and validated by
+            sharpness, seed, mean_square_rate, lyapunov, criterion, act_on, max_triggered,
+            lookahead, estimates, forward_fn, engine_kwargs: the probe's options
+            (:data:`~torch_coherence.probe.SHARED_OPTIONS` and
+            :data:`~torch_coherence.probe.EXTRA_OPTIONS`), documented and validated by
             :class:`~torch_coherence.probe.CoherenceProbe`; same defaults, except
             ``forward_fn``: default :func:`logits_forward`.
 
@@ -226,7 +227,7 @@ class CoherenceTrainerCallback(TrainerCallback):
         dataset_size: int | None = None,
         batch_size: int | None = None,
         every_n_steps: int = 100,
-        max_overhead: float | None = 0.01,
+        max_overhead: float | None = 0.03,
         probe_size: int = 64,
         on_unstable: str = "warn",
         margin_warning: float | None = 0.8,
@@ -236,6 +237,10 @@ class CoherenceTrainerCallback(TrainerCallback):
         mean_square_rate: bool = False,
         lyapunov: bool = True,
         criterion: str = "typical",
+        act_on: str = "blowup",
+        max_triggered: int = 10,
+        lookahead: bool = True,
+        estimates: str = "probe",
         forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
@@ -252,6 +257,7 @@ class CoherenceTrainerCallback(TrainerCallback):
         self._effective_batch: float | None = None
         self._trainer: Trainer | None = None
         self._hook: Any = None
+        self._hooked: nn.Module | None = None
         self._losses: list[torch.Tensor] = []
         self._tensorboard: list[TensorBoardLog] = []
         self._notes = NonFiniteNotes()
@@ -288,7 +294,7 @@ class CoherenceTrainerCallback(TrainerCallback):
         for log in self._tensorboard:
             log.write_layout()
         self._remove_hook()
-        self._hook = model.register_forward_hook(self._record_loss)
+        self._hook_on(model)
         self._losses = []
         self.probe.steps = int(state.global_step)
         self.probe.start()
@@ -298,12 +304,32 @@ class CoherenceTrainerCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
         self._remove_hook()
+        self._hooked = None
         return control
+
+    def _hook_on(self, model: nn.Module | None) -> None:
+        self._hooked = model
+        if model is not None:
+            self._hook = model.register_forward_hook(self._record_loss)
 
     def _remove_hook(self) -> None:
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+
+    def _measure(self, model: nn.Module, optimizer: Any) -> ProbeResult:
+        """The probe's measurement with the loss hook detached.
+
+        The lookahead deep-copies the model, forward hooks included: this hook is bound to
+        the callback, which holds the Trainer (and its locks, which cannot be copied), and a
+        copy of it would record the lookahead's losses as training losses.
+        """
+        hooked = self._hooked
+        self._remove_hook()
+        try:
+            return self.probe.measure(model, optimizer, self._effective_batch)
+        finally:
+            self._hook_on(hooked)
 
     def _record_loss(self, module: nn.Module, args: Any, output: Any) -> None:
         """Forward hook: keep the training loss the model returned (detached)."""
@@ -339,7 +365,7 @@ class CoherenceTrainerCallback(TrainerCallback):
         model = self._trainer.model
         result = None
         if state.is_world_process_zero:
-            result = self.probe.measure(model, optimizer, self._effective_batch)
+            result = self._measure(model, optimizer)
         result = _broadcast(result, args.world_size)
         old_lr = effective_optimizer_params(optimizer)["lr"]
 

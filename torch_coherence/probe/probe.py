@@ -195,6 +195,24 @@ def _single_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return opt
 
 
+def _batch_loss(loss: Any) -> Any:
+    """``loss`` as the lookahead takes it, ``loss(outputs, targets) -> scalar`` over a batch.
+
+    A loss module is batch-wise already; a per-sample callable ``loss(output_i, target_i)``
+    (which the engine takes, e.g. a causal LM's shifted cross-entropy of one sequence)
+    becomes the mean of its per-sample values, the training loss of the engine's convention
+    (:func:`~torch_coherence.curvature.losses.per_sample_losses`).
+    """
+    if isinstance(loss, nn.Module):
+        return loss
+    from ..curvature.losses import per_sample_losses
+
+    def mean_loss(outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        return per_sample_losses(loss, outputs, targets).mean()
+
+    return mean_loss
+
+
 def _preserved(model: nn.Module) -> Any:
     from .._state import preserved_state
 
@@ -741,7 +759,7 @@ class CoherenceProbe:
                     module.lookahead(
                         model,
                         _single_optimizer(optimizer),
-                        self.loss,
+                        _batch_loss(self.loss),
                         batches,
                         multiples=LOOKAHEAD_MULTIPLES if draw == 0 else (1.0,),
                         blowup_factor=self.policy.blowup_factor,
