@@ -297,8 +297,8 @@ def gram_factors(
                 d_parts.append(output_positions(mod, torch.stack(grads[k])).double())
                 grads[k] = []  # free this call's output gradients
                 k += 1
-            a = torch.cat(a_parts, 1)
-            d = torch.cat(d_parts, 2)
+            a = a_parts[0] if len(a_parts) == 1 else torch.cat(a_parts, 1)
+            d = d_parts[0] if len(d_parts) == 1 else torch.cat(d_parts, 2)
             index = a.dtype == torch.long
             T, o_dim = d.shape[2], d.shape[3]
             k_dim = a.shape[2] if not index else 1
