@@ -490,8 +490,12 @@ def _add_pieces(
             facs.row_labels.append(label)
             continue
         index = parts[0].index
-        a = torch.cat([p.a if index else p.a.double() for p in parts], 1)
-        d = torch.cat([p.d.double() for p in parts], 2)
+        if len(parts) == 1:  # a layer called once: no concatenated copy
+            a = parts[0].a if index else parts[0].a.double()
+            d = parts[0].d.double()
+        else:
+            a = torch.cat([p.a if index else p.a.double() for p in parts], 1)
+            d = torch.cat([p.d.double() for p in parts], 2)
         T, o_dim = d.shape[2], d.shape[3]
         k_dim = 1 if index else a.shape[2]
         ghost = (
