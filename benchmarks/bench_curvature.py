@@ -144,7 +144,7 @@ def per_sample_layout(K: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def sigma_of_gram(K: torch.Tensor) -> float:
-    """sigma = lambda_1(S) / max_i lambda_1(K_ii), S_ij = ||K_ij||_F (MATH.md §3), directly.
+    """sigma = lambda_1(S) / max_i lambda_1(K_ii), S_ij = ||K_ij||_F (docs/theory.md §3), directly.
 
     Written out here rather than taken from the library: an independent check of the engine's
     sigma, and tolerant of the float32 rounding in BackPACK's factors.

@@ -132,7 +132,7 @@ def test_gram_of_shape_n_by_n_for_scalar_outputs(gen) -> None:
     a = tc.coherence_from_gram(A @ A.T)
     b = tc.coherence_from_factors(factors)
     assert a.sigma == pytest.approx(b.sigma, rel=1e-12)
-    # C = 1: S is the entrywise absolute value of K (MATH.md §3)
+    # C = 1: S is the entrywise absolute value of K (docs/theory.md §3)
     torch.testing.assert_close(a.S, (A @ A.T).abs())
 
 

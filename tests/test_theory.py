@@ -165,7 +165,7 @@ def test_theorem2_construction_converges_below_bound(n, s, b) -> None:
 
 
 def test_first_moment_counterexample_from_math_md() -> None:
-    """n = 3, d = 1, curvatures (1, 1/4, 1/4), B = 1, eta = 2.25 (MATH.md §4)."""
+    """n = 3, d = 1, curvatures (1, 1/4, 1/4), B = 1, eta = 2.25 (docs/theory.md §4)."""
     h = np.array([1.0, 0.25, 0.25])
     stats = tc.coherence_from_hessians(torch.tensor(h, dtype=F64).reshape(3, 1, 1))
     assert stats.sigma == pytest.approx(1.5)

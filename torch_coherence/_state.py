@@ -2,7 +2,7 @@
 
 A probe runs forward and backward passes, draws random numbers (Monte-Carlo labels, Lanczos
 start vectors) and switches the model to evaluation mode. Training must not notice any of it
-(issue 5, "never harm training"): :func:`preserved_state` snapshots the model and the global
+("never harm training"): :func:`preserved_state` snapshots the model and the global
 random number generators on entry and puts every bit back on exit, also when the probe raises.
 
 Restoration writes *into the original tensors* (``copy_``) instead of rebinding them, so the

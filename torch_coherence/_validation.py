@@ -95,7 +95,7 @@ def check_momentum(value: object, name: str = "momentum") -> float:
 def check_sigma(value: object, name: str = "sigma", *, tol: float = 1e-9) -> float:
     """Return the coherence measure after checking ``sigma >= 1``.
 
-    ``sigma >= 1`` holds by definition (MATH.md §2): lambda_1(S) >= max_i S_ii >=
+    ``sigma >= 1`` holds by definition (docs/theory.md §2): lambda_1(S) >= max_i S_ii >=
     max_i lambda_1(H_i). A smaller value means the caller mixed up quantities.
     """
     s = _real(name, value)

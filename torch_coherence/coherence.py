@@ -1,6 +1,6 @@
 r"""The Hessian coherence measure sigma and the matrix S.
 
-Definition 2 of paper 000 (MATH.md §2): for PSD per-sample Hessians H_1, ..., H_n
+Definition 2 of paper 000 (docs/theory.md §2): for PSD per-sample Hessians H_1, ..., H_n
 
 .. math::
 
@@ -15,7 +15,7 @@ Three entry points take the curvature in three forms and all end in
 :func:`coherence_from_gram` or the same final reduction:
 
 * :func:`coherence_from_hessians`: dense (n, d, d) Hessians.
-* :func:`coherence_from_factors`: factors A_i (n, C, d) with H_i = A_i^T A_i (MATH.md §3).
+* :func:`coherence_from_factors`: factors A_i (n, C, d) with H_i = A_i^T A_i (docs/theory.md §3).
 * :func:`coherence_from_gram`: the block Gram K_ij = A_i A_j^T, (n, C, n, C) or (n, n).
 
 With factors, tr(H_i H_j) = ||K_ij||_F^2, lambda_1(H_i) = lambda_1(K_ii) and
@@ -196,7 +196,7 @@ def coherence_from_factors(
     """Coherence statistics from Gauss-Newton factors, H_i = A_i^T A_i.
 
     Forms the block Gram K = A A^T (n C x n C) and never a d x d matrix
-    (MATH.md §3), then calls :func:`coherence_from_gram`.
+    (docs/theory.md §3), then calls :func:`coherence_from_gram`.
 
     Args:
         factors: (n, C, d) tensor of factors A_i (C rows per sample, d parameters).
@@ -224,7 +224,7 @@ def coherence_from_gram(
 ) -> CoherenceStats:
     """Coherence statistics from the block Gram matrix K_ij = A_i A_j^T.
 
-    With H_i = A_i^T A_i (MATH.md §3):
+    With H_i = A_i^T A_i (docs/theory.md §3):
 
     * S_ij = ||K_ij||_F (since tr(H_i H_j) = ||A_i A_j^T||_F^2),
     * lambda_1(H_i) = lambda_1(K_ii),

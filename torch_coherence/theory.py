@@ -1,13 +1,13 @@
 r"""Linear-stability thresholds of SGD and SAM in terms of sharpness and coherence.
 
-Notation (MATH.md §1, §4): n data-set size, B batch size, eta learning rate, lambda_1 the
+Notation (docs/theory.md §1, §4): n data-set size, B batch size, eta learning rate, lambda_1 the
 sharpness lambda_1(H) of the mean Hessian, sigma the coherence measure, r = n/B - 1.
 
 Every "threshold" below is a value of the sharpness above which the linearized dynamics
 **diverge in mean square** (E||w_k||^2 -> infinity): that is what the proofs establish.
 Paper 000 prints Theorem 1 with the first moment E||J_k ... J_1||_2, which is not true in
 general: with n = 3, d = 1, per-sample curvatures (1, 1/4, 1/4), B = 1, eta = 2.25 the
-condition holds and E w_k^2 grows while E|w_k| shrinks (MATH.md §4).
+condition holds and E w_k^2 grows while E|w_k| shrinks (docs/theory.md §4).
 
 * GD (full batch): lambda_1 > 2 / eta; heavy-ball momentum beta: 2 (1 + beta) / eta.
 * Theorem 1 (paper 000): lambda_1 > (sigma / eta) r^(-1/2).
@@ -147,7 +147,7 @@ def critical_lr(
 ) -> float:
     """Smallest learning rate at which divergence is guaranteed (GD condition or Theorem 1).
 
-    Solving lambda_1 = threshold(eta) for eta (MATH.md §4):
+    Solving lambda_1 = threshold(eta) for eta (docs/theory.md §4):
     eta_1 = min(2 (1 + beta) / lambda_1, sigma / (lambda_1 sqrt(n/B - 1))).
     With SAM the Theorem C.8 factor divides the second term and the GD term becomes
     2 (1 + beta) / (lambda_1 (1 + (rho/alpha) lambda_1)). Every eta above eta_1 diverges in
@@ -180,7 +180,7 @@ def critical_batch_size(
 ) -> float:
     """Batch size below which divergence is guaranteed: B_1 = n / (1 + (sigma / (eta lambda_1))^2).
 
-    From Theorem 1 solved for B (MATH.md §4); with SAM, eta lambda_1 is multiplied by the
+    From Theorem 1 solved for B (docs/theory.md §4); with SAM, eta lambda_1 is multiplied by the
     Theorem C.8 factor. ``inf`` when the GD condition already fails
     (eta lambda_1 > 2 (1 + beta)): then no batch size helps. B proportional to eta^2 leaves
     B_1 / B unchanged. 0 for zero sharpness. Always <= n.

@@ -1,4 +1,4 @@
-"""Full-data sigma from a probe (MATH.md §6), validated on all 1797 sklearn digits.
+"""Full-data sigma from a probe (docs/theory.md §6), validated on all 1797 sklearn digits.
 
 Setting: a 64-8-1 tanh MLP trained briefly on "digit >= 5" with BCEWithLogitsLoss (C = 1,
 so the exact 1797 x 1797 Gram is cheap). The exact sigma_n uses all n = 1797 samples; probes

@@ -177,7 +177,7 @@ def test_mc_factors_unbiased_for_the_gram_but_not_for_sigma(gen):
     samples, so for i != j E[tr(H_i^mc H_j^mc)] = tr(E H_i^mc E H_j^mc) = tr(H_i H_j): the
     squared off-diagonal entries of S are unbiased. The diagonal S_ii^2 = ||H_i^mc||_F^2 is
     inflated by the sampling variance (Jensen), and sigma, S_ij = sqrt(tr(H_i H_j)) and
-    max_i lambda_1(H_i) are nonlinear in the factors: biased (MATH.md §3).
+    max_i lambda_1(H_i) are nonlinear in the factors: biased (docs/theory.md §3).
     """
     torch.manual_seed(0)
     model = mlp(c=4).double()
@@ -210,7 +210,7 @@ def test_mc_factors_unbiased_for_the_gram_but_not_for_sigma(gen):
     mc = measure_curvature(model, x, y, ce, factors="mc", mc_samples=1, sharpness="ggn", seed=0)
     assert mc.factors == "mc" and mc.gram.shape == (6, 1, 6, 1)
     assert K.shape == (24, 24)
-    # per-sample quantities are not unbiased: report the bias (MATH.md §3)
+    # per-sample quantities are not unbiased: report the bias (docs/theory.md §3)
     sig = [
         measure_curvature(model, x, y, ce, factors="mc", sharpness=None, seed=s).stats
         for s in range(50)

@@ -356,7 +356,7 @@ class GramEngine:
 
 
 def _section4_probe(**kw) -> CoherenceProbe:
-    """MATH.md §4: n = 3, curvatures (1, 1/4, 1/4), B = 1: rho(T) > 1 > exp(gamma) at 2.25."""
+    """docs/theory.md §4: n = 3, curvatures (1, 1/4, 1/4), B = 1: rho(T) > 1 > e^gamma at 2.25."""
     factors = torch.tensor([1.0, 0.5, 0.5], dtype=torch.float64).view(3, 1, 1)
     data = (torch.randn(3, 3), torch.randint(0, 2, (3,)))
     kw.setdefault("margin_warning", None)

@@ -1,6 +1,6 @@
 r"""``measure_curvature``: coherence, sharpness and gradient noise scale of a model on a probe.
 
-Pipeline (MATH.md §2-3, §6): forward the probe batch in eval mode inside
+Pipeline (docs/theory.md §2-3, §6): forward the probe batch in eval mode inside
 :func:`torch_coherence._state.preserved_state`; output-Hessian square roots :math:`B_i`
 (:mod:`.losses`); the block Gram :math:`K = AA^\top` by layer rules (:mod:`.gram`), with the
 per-sample loss gradients appended as one extra cotangent so the per-sample gradient Gram
@@ -283,7 +283,7 @@ def measure_curvature(
         n: training-set size; when n > m the report carries ``sigma_full``.
         factors: ``"exact"`` (all C rows of B_i) or ``"mc"`` (``mc_samples`` sampled labels;
             unbiased for the mean GGN, but biased for sigma and max_i lambda_1(H_i) —
-            MATH.md §3: on the digits MLP (m = 256) one sampled label gave sigma 25-27
+            docs/theory.md §3: on the digits MLP (m = 256) one sampled label gave sigma 25-27
             against the exact 223, max_i lambda_1(H_i) 21-23 against 4.1, and GGN
             sharpness 1.69-1.84 against 1.69).
             ``"topk"`` (cross-entropy / NLL): per token the classes with
