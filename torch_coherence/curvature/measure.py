@@ -28,11 +28,15 @@ without bias by :math:`\frac{n-1}{m-1}` times the probe's, so
         \Big/ \max_i \lambda_1(H_i)
 
 ("rescaled off-diagonal" estimator; exact for identical H_i, where it gives n, and for mutually
-orthogonal H_i, where it gives the probe value). The denominator is the probe maximum (the
-maximum over all n is at least as large, so the estimate leans high, i.e. conservative).
-Validated on all 1797 digits in ``tests/curvature/test_full_data.py`` (64-8-1 tanh MLP,
-BCE): exact sigma_n = 335.7; probes of m = 256 give sigma_m = 43-54 but estimates 300-380
-(errors 1-11%, 5 draws); m = 512: 329-359 (2-7%); m = 64: 316-427 (2-27%).
+orthogonal H_i, where it gives the probe value). The denominator is the probe maximum, an
+extreme value over m examples that a probe of m << n cannot see; with a uniform probe both
+parts fail when a few examples carry most of the curvature. Measured (``docs/estimates.md``):
+within 11% only on the BCE MLP of ``tests/curvature/test_full_data.py`` (exact sigma_n =
+335.7; m = 256: errors 1-11% over 5 draws), but off by more than 25% in at least one draw on
+all 8 setups there at m = 64 (up to +187%) and on two at m = 256 (up to +81%). ``sigma_full``
+is kept for reference only: the probe does not use it, and the full-data sigma with a
+standard error is :func:`torch_coherence.estimate_sigma` (curvature-weighted probe, within 3%
+at m = 256 on 7 setups) or :func:`torch_coherence.exact_sigma`.
 """
 
 from __future__ import annotations
@@ -101,7 +105,8 @@ class CurvatureReport:
         num_params: number of parameters measured.
         seconds: wall time.
         sharpness_vector: top Hessian eigenvector (flat float64), for ``init_vector``.
-        sigma_full: the full-data sigma estimate when n > m, else None.
+        sigma_full: the rescaled off-diagonal full-data sigma when n > m, else None; biased
+            (module docstring): use :func:`torch_coherence.estimate_sigma` for sigma_n.
         n: the data-set size sigma_full refers to (m when not given).
         factors: ``"exact"``, ``"topk"`` or ``"mc"``.
         clipped_eigenvalue: most negative output-Hessian eigenvalue clipped (callable losses).
