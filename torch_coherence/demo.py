@@ -104,8 +104,11 @@ def what_happened(losses: list[float], factor: float = BLOWUP_FACTOR) -> str:
                 f"training blew up at optimizer step {step}: loss {loss:.3g} against "
                 f"{first:.3g} at the first step (non-finite or above {factor:g}x)"
             )
-            if math.isfinite(last) and last <= factor * first:
+            if math.isfinite(last) and last <= 2 * first:
                 return f"{head}, then recovered to {last:.3g} by step {len(losses)}"
+            if math.isfinite(last):
+                ratio = last / first
+                return f"{head}, and ended at {last:.3g} ({ratio:.2g}x) at step {len(losses)}"
             return head
     peak = max(range(len(losses)), key=losses.__getitem__)
     ratio = losses[peak] / first if first > 0 else math.inf

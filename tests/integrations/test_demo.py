@@ -41,3 +41,4 @@ def test_what_happened_uses_the_benchmarks_blowup_rule(losses, start) -> None:
 def test_what_happened_says_when_a_blowup_recovered() -> None:
     assert what_happened([1.0, 11.0, 0.5]).endswith("then recovered to 0.5 by step 3")
     assert "recovered" not in what_happened([1.0, 11.0, float("inf")])
+    assert what_happened([1.0, 11.0, 5.0]).endswith("and ended at 5 (5x) at step 3")
