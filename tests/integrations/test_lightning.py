@@ -108,6 +108,7 @@ def test_warns_above_critical_lr_not_at_half(tmp_path, criterion, phrases) -> No
             probe_size=16,
             margin_warning=None,
             criterion=criterion,
+            lookahead=False,  # the linear verdict alone (the blow-up lookahead is tested apart)
         )
         with warnings.catch_warnings(record=True) as rec:
             warnings.simplefilter("always")

@@ -227,3 +227,6 @@ def test_a_blowup_in_either_of_two_draws_predicts_one(blows, predicted) -> None:
     assert [c[4] for c in runs] == [(1.0, 2.0, 4.0), (1.0,)]  # only the first brackets
     assert not torch.equal(draws[0][3], draws[1][3])  # independent batch draws
     assert (BlowupWarning in [c for _, c in seen]) is predicted
+    if predicted:  # the message quotes the draw that blew up: 50 against 1, not 0.9
+        (text,) = [t for t, c in seen if c is BlowupWarning]
+        assert "from 1 to 50" in text

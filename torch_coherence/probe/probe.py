@@ -742,8 +742,9 @@ class CoherenceProbe:
         The validated rule (``docs/warnings.md``): one short run at the current lr on each of
         ``DEFAULT_STEPS`` independent draws, a blow-up in either predicting one. The first
         draw also tries :data:`LOOKAHEAD_MULTIPLES` of the lr, which brackets
-        ``stability/blowup_lr``; the result keeps the smallest blow-up lr over the draws, so
-        ``predicted`` is "either draw blew up at the current lr".
+        ``stability/blowup_lr``; the result is the draw that blew up at the current lr (else
+        the first) with the smallest blow-up lr over the draws, so ``predicted`` is "either
+        draw blew up at the current lr" and a message quotes that draw's losses.
         """
         size = max(1, min(round(b), len(self.train_dataset)))
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -766,9 +767,10 @@ class CoherenceProbe:
                         forward_fn=self.forward_fn,
                     )
                 )
-        first = results[0]
+        # the draw that blew up at the current lr (its losses are the ones a message quotes)
+        pick = next((r for r in results if r.predicted), results[0])
         return replace(
-            first,
+            pick,
             blowup_lr=min(r.blowup_lr for r in results),
             seconds=sum(r.seconds for r in results),
         )
