@@ -683,25 +683,6 @@ def _stored_rows_gram(rows: torch.Tensor) -> torch.Tensor:
     return _blockwise_gram(lambda sl: rows[sl].double().reshape(-1, P), m, R, P)
 
 
-def _blocked_rows_gram(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """One layer's K (m, R, m, R) from rows sum_t d_t a_t^T built a sample block at a time."""
-    m, R, T, o = d.shape
-    P = o * a.shape[2]
-
-    def rows(sl: slice) -> torch.Tensor:
-        dt = d[sl].transpose(2, 3).reshape(-1, R * o, T)
-        return torch.bmm(dt, a[sl]).reshape(-1, P)
-
-    return _blockwise_gram(rows, m, R, P)
-
-
-def _stored_rows_gram(rows: torch.Tensor) -> torch.Tensor:
-    """K (m, R, m, R) in float64 from rows (m, R, P) kept in the model's dtype (upcast by
-    sample blocks: the same numbers as converting them whole, at a fraction of the memory)."""
-    m, R, P = rows.shape
-    return _blockwise_gram(lambda sl: rows[sl].double().reshape(-1, P), m, R, P)
-
-
 #: Bytes of fallback rows computed at once when the Gram is streamed (several parameters
 #: share one ``torch.func`` pass up to this size; a larger parameter gets a pass of its own).
 FALLBACK_GROUP_BYTES = 256 * 2**20
