@@ -6,7 +6,9 @@ The public API, grouped by concept:
   :func:`coherence_from_factors`, :func:`coherence_from_gram`, :class:`CoherenceStats`.
 * estimates over the whole training set (not a probe): :func:`dataset_sharpness`,
   :func:`estimate_sigma`, :func:`exact_sigma`, with :class:`DatasetSharpness` and
-  :class:`SigmaEstimate` (each value says the n it refers to).
+  :class:`SigmaEstimate` (each value says the n it refers to); between two of them,
+  :func:`tracked_sharpness` (:class:`TrackedSharpness`), the Rayleigh quotient of the last top
+  eigenvector on a fresh batch.
 * stability theory (paper 000 Theorems 1-2, paper 002 Theorem C.8): :func:`stability_report`,
   :class:`StabilityReport`, :func:`theorem1_threshold`, :func:`theorem2_bound`,
   :func:`gd_threshold`, :func:`sam_threshold`, :func:`critical_lr`,
@@ -26,10 +28,12 @@ from .curvature import (
     CurvatureReport,
     DatasetSharpness,
     SigmaEstimate,
+    TrackedSharpness,
     dataset_sharpness,
     estimate_sigma,
     exact_sigma,
     measure_curvature,
+    tracked_sharpness,
 )
 from .curvature.batch_sharpness import batch_sharpness
 
@@ -84,9 +88,11 @@ __all__ = [
     # estimates over the whole training set
     "DatasetSharpness",
     "SigmaEstimate",
+    "TrackedSharpness",
     "dataset_sharpness",
     "estimate_sigma",
     "exact_sigma",
+    "tracked_sharpness",
     # coherence
     "CoherenceStats",
     "UndefinedCoherenceError",
