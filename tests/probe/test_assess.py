@@ -104,38 +104,81 @@ def test_sam_alpha_from_the_engines_gradient_without_a_backward_pass() -> None:
     assert effective_optimizer_params(sam)["sam_rho"] == 0.05
 
 
-def test_dataset_estimates_are_those_of_the_estimators() -> None:
-    """estimates='dataset': the thresholds use dataset_sharpness and estimate_sigma over the
-    training set, and the tags say over how many examples."""
-    from torch_coherence.curvature import dataset_sharpness, estimate_sigma
-    from torch_coherence.probe import CoherenceProbe
-
+def _dataset_case(n: int):
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(40, 4, generator=gen)
+    x = torch.randn(n, 4, generator=gen)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-    data = torch.utils.data.TensorDataset(x, y)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
-    loss = nn.CrossEntropyLoss()
+    return torch.utils.data.TensorDataset(x, y), model, nn.CrossEntropyLoss()
+
+
+@pytest.mark.parametrize("estimates", ["dataset", "auto", None])
+def test_dataset_estimates_are_those_of_the_estimators(estimates) -> None:
+    """estimates='dataset', and by default ('auto') when the training dataset is known: the
+    thresholds use dataset_sharpness and exact_sigma (n <= 500) over the training set, and
+    the tags say over how many examples."""
+    from torch_coherence.curvature import dataset_sharpness, exact_sigma
+    from torch_coherence.probe import CoherenceProbe
+
+    data, model, loss = _dataset_case(40)
+    kw = {} if estimates is None else {"estimates": estimates}
     probe = CoherenceProbe(
         loss=loss,
         probe=data,
         probe_size=16,
         dataset_size=40,
-        estimates="dataset",
         lookahead=False,
         criterion="theorem1",
         max_overhead=None,
+        **kw,
     )
+    assert probe.uses_dataset_estimates
     res = probe.run(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, warn=collect([]))
     sharp = dataset_sharpness(model, loss, data, kind="ggn", seed=0)
-    sig = estimate_sigma(model, loss, data, m=16, seed=0)
+    sig = exact_sigma(model, loss, data)
     m = res.metrics
     assert m["sharpness/ggn"] == pytest.approx(sharp.value, rel=1e-6)
     assert m["sharpness/samples"] == sharp.n_samples == 40
     assert m["coherence/sigma"] == pytest.approx(sig.value, rel=1e-9)
     assert m["coherence/sigma_n"] == sig.n == 40
-    assert m["coherence/sigma_stderr"] == pytest.approx(sig.stderr)
+    assert m["coherence/sigma_stderr"] == 0.0  # exact
     assert m["probe/size"] == 16 and m["coherence/sigma_probe"] != m["coherence/sigma"]
+    # the next probe's Lanczos starts from this one's vector, which the light probes track
+    assert probe._tracked is not None and probe._tracked.kind == "ggn"
+    assert probe._tracked.sharpness == pytest.approx(sharp.value, rel=1e-6)
+
+
+def test_large_datasets_get_the_pps_sigma_estimate() -> None:
+    from torch_coherence.curvature import estimate_sigma
+    from torch_coherence.probe import CoherenceProbe
+
+    data, model, loss = _dataset_case(520)
+    probe = CoherenceProbe(
+        loss=loss, probe=data, dataset_size=520, lookahead=False, criterion="theorem1"
+    )
+    res = probe.run(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, warn=collect([]))
+    sig = estimate_sigma(model, loss, data, m=256, seed=0)
+    assert res.metrics["coherence/sigma"] == pytest.approx(sig.value, rel=1e-9)
+    assert res.metrics["coherence/sigma_stderr"] == pytest.approx(sig.stderr)
+    assert sig.stderr > 0 and sig.method == "pps"
+    assert res.metrics["coherence/sigma_n"] == 520 == res.metrics["sharpness/samples"]
+
+
+def test_explicit_tensors_or_estimates_probe_keep_the_probes_own_values() -> None:
+    from torch_coherence.probe import CoherenceProbe
+
+    data, model, loss = _dataset_case(40)
+    common = {"loss": loss, "probe_size": 16, "dataset_size": 40, "lookahead": False}
+    common["criterion"] = "theorem1"
+    for probe in (
+        CoherenceProbe(probe=data.tensors, **common),  # explicit tensors: no dataset known
+        CoherenceProbe(probe=data, estimates="probe", **common),
+    ):
+        assert not probe.uses_dataset_estimates
+        res = probe.run(model, torch.optim.SGD(model.parameters(), lr=0.1), 8, warn=collect([]))
+        m = res.metrics
+        assert m["coherence/sigma"] == m["coherence/sigma_probe"]
+        assert m["coherence/sigma_n"] == m["probe/size"] == m["sharpness/samples"]
     with pytest.raises(ValueError, match="estimates"):
         CoherenceProbe(estimates="full")

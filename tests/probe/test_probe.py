@@ -53,7 +53,8 @@ def test_metric_tags_and_values() -> None:
     # the scripted engine returns no Gram: no rho(T), no gamma
     lyap = {"stability/lyapunov", "stability/lyapunov_stderr", "stability/typical_critical_lr"}
     absent = {"stability/mean_square_rate", "stability/blowup_lr", "coherence/sigma_stderr"}
-    expected = set(TAGS) - absent - lyap
+    light = {"sharpness/tracked", "sharpness/tracked_stderr"}  # light probes only
+    expected = set(TAGS) - absent - lyap - light
     assert set(res.metrics) == expected
     assert res.metrics["stability/critical_lr"] == pytest.approx(_crit())
     assert res.metrics["stability/margin"] == pytest.approx(0.5)

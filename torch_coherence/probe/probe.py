@@ -28,6 +28,7 @@ from torch import nn
 
 from ..theory import StabilityReport
 from . import data as _data
+from . import light as _light
 from . import messages as text
 from . import schedule as _schedule
 from .assess import (
@@ -82,11 +83,22 @@ SHARED_OPTIONS = (
 #: (:func:`shared_options` passes those it finds).
 EXTRA_OPTIONS = ("act_on", "max_triggered", "lookahead", "estimates")
 
-#: What ``estimates`` accepts: ``"probe"``, the sharpness and sigma of the probe's own m
-#: examples (n = m, said in the tags); ``"dataset"``, the sharpness of the training loss
-#: (:func:`~torch_coherence.curvature.dataset_sharpness`) and the full-data sigma estimate
-#: (:func:`~torch_coherence.curvature.estimate_sigma`) over the training set.
-ESTIMATES = ("probe", "dataset")
+#: What ``estimates`` accepts: ``"dataset"``, the sharpness of the training loss
+#: (:func:`~torch_coherence.curvature.dataset_sharpness`: all n examples up to 2048, else a
+#: seeded sample of 2048) and sigma_n over the training set (:func:`exact_sigma` when
+#: n <= :data:`EXACT_SIGMA_MAX`, else :func:`estimate_sigma` with m = :data:`SIGMA_PROBE_M`);
+#: ``"probe"``, the sharpness and sigma of the probe's own m examples (n = m, said in the
+#: tags); ``"auto"`` (the default), ``"dataset"`` when the training dataset is known (a
+#: dataset or loader given as ``probe`` or to :meth:`CoherenceProbe.set_probe`), else
+#: ``"probe"`` (explicit probe tensors only).
+ESTIMATES = ("auto", "dataset", "probe")
+#: Data sets up to this size get the exact sigma_n (all n^2 pairs), larger ones the PPS
+#: estimate: at n = 500 the exact value costs about what the m = 256 estimate does
+#: (``docs/estimates.md``).
+EXACT_SIGMA_MAX = 500
+#: Probe size of :func:`~torch_coherence.curvature.estimate_sigma` (within 3% of sigma_n on
+#: seven setups, ``docs/estimates.md``).
+SIGMA_PROBE_M = 256
 
 
 @dataclass(frozen=True)
@@ -107,14 +119,18 @@ class ProbeResult:
         new_lr: the learning rate set by ``on_unstable="adjust_lr"``, else ``None``.
         raise_error: whether :meth:`CoherenceProbe.commit` raises.
         next_step: the optimizer-step count at which the next scheduled probe is due.
-        kind: ``"scheduled"``, ``"preflight"``, ``"triggered"``, or ``"postponed"``: a
-            scheduled probe whose cost did not fit in the budget yet; nothing was measured
-            (no metrics, no history entry), only ``next_step`` moves.
+        kind: ``"scheduled"``, ``"preflight"``, ``"triggered"``, ``"light"`` (a scheduled
+            probe whose full cost did not fit the budget, replaced by the tracked sharpness of
+            :mod:`.light`; no report) or ``"postponed"``: a scheduled probe for which not even
+            a light one fitted; nothing was measured (no metrics, no history entry), only
+            ``next_step`` moves.
         trigger: why a triggered probe ran, else ``None``.
         lr: the learning rate the probe saw (``None`` when it could not be read).
         seconds: wall time of the probe.
         lookahead: the lookahead result, or ``None`` when none ran.
         updates: the probe's own state changes, applied by :meth:`CoherenceProbe.commit`.
+        escalate: a light probe's reason to run a full (triggered) probe at once, else
+            ``None`` (:func:`.light.escalation`).
     """
 
     step: int
@@ -134,6 +150,7 @@ class ProbeResult:
     seconds: float = 0.0
     lookahead: Any = None
     updates: dict[str, Any] = field(default_factory=dict)
+    escalate: str | None = None
 
 
 def shared_options(values: dict[str, Any]) -> dict[str, Any]:
@@ -213,6 +230,12 @@ def _batch_loss(loss: Any) -> Any:
     return mean_loss
 
 
+def _default_tracker(*args: Any, **kwargs: Any) -> Any:
+    from ..curvature.tracked_sharpness import tracked_sharpness
+
+    return tracked_sharpness(*args, **kwargs)
+
+
 def _preserved(model: nn.Module) -> Any:
     from .._state import preserved_state
 
@@ -236,15 +259,16 @@ class CoherenceProbe:
         every_n_steps: scheduled probes every this many optimizer steps (at least; see
             ``max_overhead``).
         max_overhead: time budget of the scheduled probes and of the optional parts
-            (lookahead and gamma at scheduled probes, figures): after each scheduled probe
-            the next one is postponed (beyond ``every_n_steps``) until the budgeted wall
-            time, the next probe included at the last one's cost, is at most this fraction
-            of the training time since the fit's first step. The pre-flight probe
-            (:meth:`start`) and the triggered ones (:meth:`observe`) are outside it.
-            ``None``: a fixed schedule, everything at every probe. The default 3% with
-            ``every_n_steps=100`` gives a fit of 1000 steps the pre-flight probe and 9-10
-            scheduled ones when a probe costs at most 3 training steps; see
-            :mod:`torch_coherence.probe.schedule` for the trade-off when it costs more.
+            (lookahead and gamma at scheduled probes, figures): a scheduled probe runs
+            in full when the budgeted wall time, it included at the last full probe's cost,
+            is at most this fraction of the training time since the fit's first step; else
+            a light probe (:mod:`torch_coherence.probe.light`: the tracked sharpness on a
+            fresh batch, about one or two training steps) runs in its place when that fits,
+            else it is postponed. The pre-flight probe (:meth:`start`) and the triggered ones
+            (:meth:`observe`, a light probe's escalation) are outside it. ``None``: a fixed
+            schedule, everything at every probe. The default 3% with ``every_n_steps=100``
+            gives a fit of 1000 steps of 10 ms the pre-flight probe and 9-10 scheduled (full
+            or light) ones; see ``docs/warnings_messages.md`` for the measured trade-off.
         on_unstable: ``"warn"``, ``"raise"`` (:class:`UnstableTrainingError`; a failing probe
             raises :class:`CoherenceProbeError`), ``"stop"`` or ``"adjust_lr"``, taken when
             the verdict of ``act_on`` fires.
@@ -281,15 +305,19 @@ class CoherenceProbe:
             at the pre-flight and triggered probes and, within the budget, at scheduled
             ones. Needs the training dataset (passed through ``probe`` or :meth:`set_probe`).
         estimates: the sharpness and sigma the thresholds use, one of :data:`ESTIMATES`.
-            ``"dataset"`` runs passes over the training set (up to 2048 examples) at every
-            probe: far more accurate (``docs/estimates.md``) and far more costly than the
-            probe itself, so it is not the default.
+            The default ``"auto"`` uses the training set's (``"dataset"``) whenever the
+            training dataset is known: passes over it (up to 2048 examples) at every full
+            probe, far more accurate (``docs/estimates.md``) and more costly than the probe's
+            own values; without it (explicit probe tensors) the probe's own, n = m said in
+            the tags. ``"probe"`` asks for the probe's own values.
         forward_fn: ``forward_fn(model, inputs) -> outputs`` when ``model(inputs)`` is not the
             forward pass the loss expects.
         engine_kwargs: further keyword arguments for :func:`torch_coherence.measure_curvature`.
         engine: the measuring function (default :func:`torch_coherence.measure_curvature`).
         lookahead_module: where ``draw_batches`` and ``lookahead`` come from (default
             :mod:`torch_coherence.lookahead`).
+        tracker: the light probe's function (default
+            :func:`torch_coherence.curvature.tracked_sharpness`).
 
     Raises:
         ValueError: an argument is out of range; the message names it.
@@ -315,11 +343,12 @@ class CoherenceProbe:
         act_on: str = "blowup",
         max_triggered: int = 10,
         lookahead: bool = True,
-        estimates: str = "probe",
+        estimates: str = "auto",
         forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         engine_kwargs: dict[str, Any] | None = None,
         engine: Callable[..., Any] | None = None,
         lookahead_module: Any = None,
+        tracker: Callable[..., Any] | None = None,
     ) -> None:
         _check_int("every_n_steps", every_n_steps, 1)
         if max_overhead is not None:
@@ -373,6 +402,10 @@ class CoherenceProbe:
         self.lookahead = lookahead
         self.estimates = estimates
         self._dataset_vector: torch.Tensor | None = None
+        self._dataset_known = False
+        self._tracker = tracker or _default_tracker
+        self._tracked: _light.Tracked | None = None
+        self._light_seconds: float | None = None
         self.forward_fn = forward_fn
         self.engine_kwargs = dict(engine_kwargs or {})
         self._engine = engine or _default_engine
@@ -433,6 +466,7 @@ class CoherenceProbe:
                 )
             self._batch = (_data.detach(inputs), _data.detach(targets))
             self.train_dataset = _data.Pairs(*self._batch)
+            self._dataset_known = False
         else:
             dataset = getattr(probe, "dataset", probe)
             if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
@@ -442,7 +476,15 @@ class CoherenceProbe:
                 )
             self._batch = sample_probe(dataset, self.probe_size, self.seed)
             self.train_dataset = dataset
+            self._dataset_known = True
         self._device_batch = None
+
+    @property
+    def uses_dataset_estimates(self) -> bool:
+        """Whether full probes log the training set's sharpness and sigma (``estimates``)."""
+        if self.estimates == "auto":
+            return self._dataset_known
+        return self.estimates == "dataset"
 
     def _batch_on(self, device: torch.device) -> tuple[Any, Any]:
         assert self._batch is not None
@@ -544,8 +586,9 @@ class CoherenceProbe:
 
         Records nothing that changes a decision: the step count, schedule, hysteresis,
         history and cost estimates change only in :meth:`commit`, from the returned result
-        (under DDP every rank commits rank zero's result). It writes two caches:
-        :attr:`last_curvature` and the warm start of the Hessian sharpness. The model's
+        (under DDP every rank commits rank zero's result). It writes caches that only the
+        measuring rank reads: :attr:`last_curvature`, the warm starts of the sharpness
+        Lanczos runs and the top eigenvector the light probes track. The model's
         parameters, buffers, gradients, train/eval modes and the global RNG are restored
         bit-identically; the optimizer is only read.
 
@@ -565,7 +608,13 @@ class CoherenceProbe:
             raise ValueError("dataset_size is not set: pass dataset_size= (n, the train size)")
         if kind == "scheduled":
             later = self.schedule.postponed_step()
-            if later is not None:  # its cost does not fit yet: no measurement
+            if later is not None:  # its cost does not fit yet: a light probe, or nothing
+                light = self._light_probe(model, optimizer, step)
+                if light is not None:
+                    return light
+                if self._tracked is not None:  # the step where a light one fits
+                    cost = self._light_cost()
+                    later = min(later, max(self.schedule.next_step(step, cost, 0.0), step + 1))
                 return ProbeResult(step=step, armed=self.state, next_step=later, kind="postponed")
         start = _schedule.now()
         lr = None
@@ -632,11 +681,12 @@ class CoherenceProbe:
                         model, inputs, targets, self.loss, self.forward_fn
                     )
             sharp = sigma = None
-            if self.estimates == "dataset":
+            if self.uses_dataset_estimates:
                 sharp, sigma = self._dataset_estimates(model)
         self.last_curvature = curv
         warm = getattr(curv, "sharpness_vector", None)
         self._warm_vector = warm if isinstance(warm, torch.Tensor) else None
+        self._tracked = self._tracked_from(curv, sharp)
         assessment = assess(
             curv,
             settings,
@@ -651,10 +701,77 @@ class CoherenceProbe:
         )
         return assessment, curv
 
+    def _tracked_from(self, curv: Any, sharp: Estimate | None) -> _light.Tracked | None:
+        """The eigenvector the light probes track: the training loss's (data-set estimates),
+        else the engine's Hessian one of the probe batch, else none."""
+        if sharp is not None and isinstance(self._dataset_vector, torch.Tensor):
+            kind = "hessian" if self.sharpness == "hessian" else "ggn"
+            return _light.Tracked(self._dataset_vector, kind, sharp.value, self.steps)
+        if self._warm_vector is None:
+            return None
+        value = getattr(curv, "hessian_sharpness", None)
+        value = float(value) if value is not None and math.isfinite(float(value)) else 0.0
+        return _light.Tracked(self._warm_vector, "hessian", value, self.steps)
+
+    def _light_cost(self) -> float:
+        """The last light probe's cost, or before the first one an estimate from the training
+        step time (:data:`.light.FIRST_COST_STEPS` steps)."""
+        if self._light_seconds is not None:
+            return self._light_seconds
+        per_step = self.schedule.training_seconds() / max(self.steps - self.schedule.t0_steps, 1)
+        return _light.FIRST_COST_STEPS * per_step
+
+    def _light_probe(self, model: nn.Module, optimizer: Any, step: int) -> ProbeResult | None:
+        """The tracked sharpness in place of a postponed full probe, when it fits the budget
+        (:mod:`.light`); ``None`` when there is no eigenvector to track or it does not fit.
+
+        A failure is reported like a failed probe, and the eigenvector is dropped until the
+        next full probe."""
+        tracked = self._tracked
+        if tracked is None or self.train_dataset is None:
+            return None
+        if not self.schedule.affordable(self._light_cost()):
+            return None
+        start = _schedule.now()
+        lr = None
+        try:
+            settings = effective_optimizer_params(optimizer)
+            lr = float(settings["lr"])
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            x, y = _light.draw_batch(self.train_dataset, self.probe_size, self.seed, step, device)
+            res = self._tracker(
+                model,
+                self.loss,
+                x,
+                y,
+                tracked.vector,
+                kind=tracked.kind,
+                n=len(self.train_dataset),
+                forward_fn=self.forward_fn,
+                params=self.engine_kwargs.get("params"),
+            )
+        except Exception as err:  # reported; training goes on
+            self._tracked = None
+            return self._failed(step, "light", None, err, _schedule.now() - start, lr)
+        cost = _schedule.now() - start
+        metrics = _light.metrics(res)
+        metrics["probe/seconds"] = cost
+        return ProbeResult(
+            step=step,
+            metrics=metrics,
+            armed=self.state,
+            next_step=self.schedule.next_step(step, cost, cost),
+            kind="light",
+            lr=lr,
+            seconds=cost,
+            escalate=_light.escalation(res.value, settings, tracked),
+        )
+
     def _dataset_estimates(self, model: nn.Module) -> tuple[Estimate, Estimate]:
-        """The training loss's sharpness and the full-data sigma estimate, over the training
-        set (warm-started from the last probe's eigenvector; a cache, like the engine's)."""
-        from ..curvature import dataset_sharpness, estimate_sigma
+        """The training loss's sharpness and sigma_n over the training set (the sharpness
+        warm-started from the last probe's eigenvector, a cache like the engine's): the exact
+        sigma_n up to :data:`EXACT_SIGMA_MAX` examples, the PPS estimate above."""
+        from ..curvature import dataset_sharpness, estimate_sigma, exact_sigma
 
         if self.train_dataset is None:
             raise ValueError("estimates='dataset' needs the training dataset (set_probe)")
@@ -669,7 +786,10 @@ class CoherenceProbe:
             **common,
         )
         self._dataset_vector = sharp.vector
-        sig = estimate_sigma(model, self.loss, self.train_dataset, m=self.probe_size, **common)
+        if len(self.train_dataset) <= EXACT_SIGMA_MAX:
+            sig = exact_sigma(model, self.loss, self.train_dataset, forward_fn=self.forward_fn)
+        else:
+            sig = estimate_sigma(model, self.loss, self.train_dataset, m=SIGMA_PROBE_M, **common)
         stderr = float(sig.stderr)
         return Estimate(float(sharp.value), int(sharp.n_samples)), Estimate(
             float(sig.value), int(sig.n), stderr
@@ -861,6 +981,9 @@ class CoherenceProbe:
         )
         if result.kind == "postponed":
             return
+        if result.kind == "light":
+            self._light_seconds = float(result.seconds)
+            self.schedule.request(result.escalate)
         self.state = result.armed
         if "lyapunov_seconds" in result.updates:
             self._lyapunov_seconds = float(result.updates["lyapunov_seconds"])
@@ -871,6 +994,8 @@ class CoherenceProbe:
         entry: dict[str, Any] = {"step": result.step, "kind": result.kind, **result.metrics}
         if result.trigger is not None:
             entry["trigger"] = result.trigger
+        if result.escalate is not None:
+            entry["escalate"] = result.escalate
         if result.error is not None:
             entry["error"] = result.error
         if result.messages:

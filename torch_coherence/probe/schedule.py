@@ -11,6 +11,9 @@ Three kinds of probe (:attr:`Schedule.kind`):
   exceeds :data:`SPIKE_FACTOR` times its running median, or when the learning rate changed by
   more than :data:`LR_FACTOR` since the last probe; at most ``max_triggered`` per fit.
 * ``"scheduled"``: every ``every_n_steps`` optimizer steps, stretched by the time budget.
+  When a scheduled probe's full cost does not fit the budget yet, a ``"light"`` probe
+  (:mod:`.light`: the tracked sharpness, about one or two training steps) runs in its
+  place, in the budget; it may ask for a triggered full probe (:meth:`Schedule.request`).
 
 Budget (``max_overhead``): scheduled probes, and the optional parts (lookahead, gamma,
 figures) that run only when :meth:`Schedule.affordable`, take at most that fraction of the
@@ -118,14 +121,22 @@ class Schedule:
         reason = self._loss_reason(loss)
         if reason is None and lr is not None:
             reason = self._lr_reason(float(lr))
+        if not self.request(reason):
+            return False
+        if "loss" in reason:
+            self._loss_quiet_until = self.steps + TRIGGER_COOLDOWN
+        return True
+
+    def request(self, reason: str | None) -> bool:
+        """Ask for a triggered probe at once (the guard of :meth:`observe`, a light probe's
+        escalation); whether it was granted: none is pending and fewer than
+        ``max_triggered`` were triggered in this fit."""
         if reason is None or self.pending is not None:
             return False
         if self.triggered >= self.max_triggered:
             return False
         self.triggered += 1
         self.pending = reason
-        if "loss" in reason:
-            self._loss_quiet_until = self.steps + TRIGGER_COOLDOWN
         return True
 
     def _loss_reason(self, loss: Any) -> str | None:
@@ -236,6 +247,10 @@ class Schedule:
         """A probe of ``kind`` ran at ``step`` (``base`` of its ``seconds`` without the
         optional parts): clear it, charge it, move the schedule."""
         if kind == "postponed":  # nothing ran: only the schedule moves
+            self.scheduled_step = max(next_step, step + 1)
+            return
+        if kind == "light":  # in the budget; the full probe's cost and lr stay the reference
+            self.probe_seconds += seconds
             self.scheduled_step = max(next_step, step + 1)
             return
         self.last_probe_step = step

@@ -19,6 +19,8 @@ TAGS = (
     "sharpness/hessian",
     "sharpness/ggn",
     "sharpness/samples",
+    "sharpness/tracked",
+    "sharpness/tracked_stderr",
     "stability/gd_threshold",
     "stability/theorem1_threshold",
     "stability/theorem2_bound",
@@ -42,10 +44,14 @@ TAGS = (
 #: when gamma was computed (``lyapunov=True``, the probe's Gram available, the time budget
 #: allowing), ``stability/blowup_lr`` when the lookahead ran, ``noise/gradient_noise_scale``
 #: when it is finite. At learning rate 0 only the curvature tags, ``stability/critical_lr``
-#: and the ``probe/`` tags are logged.
+#: and the ``probe/`` tags are logged. A light probe (:mod:`.light`, history ``kind``
+#: ``"light"``) logs only ``sharpness/tracked``, ``sharpness/tracked_stderr`` and the
+#: ``probe/`` tags; no full probe logs those two.
 CONDITIONAL_TAGS = (
     "coherence/sigma_stderr",
     "sharpness/hessian",
+    "sharpness/tracked",
+    "sharpness/tracked_stderr",
     "stability/mean_square_rate",
     "stability/lyapunov",
     "stability/lyapunov_stderr",
@@ -65,6 +71,9 @@ TAG_DESCRIPTIONS: dict[str, str] = {
     "sharpness/hessian": "top eigenvalue of the Hessian of the loss over sharpness/samples",
     "sharpness/ggn": "top eigenvalue of the Gauss-Newton matrix over sharpness/samples",
     "sharpness/samples": "number of examples the logged sharpness is computed over",
+    "sharpness/tracked": "light probe: Rayleigh quotient of the last full probe's top "
+    "eigenvector on a fresh batch of probe/size examples (unbiased for v^T G v <= sharpness)",
+    "sharpness/tracked_stderr": "standard error of sharpness/tracked over batch draws",
     "stability/gd_threshold": "2 (1 + momentum) / lr: full-batch gradient descent's bound",
     "stability/theorem1_threshold": "sharpness above which Theorem 1 proves mean-square "
     "divergence of the linearized dynamics",
