@@ -155,3 +155,32 @@ def test_bad_input_names_the_argument(kwargs, match) -> None:
     vector = args.pop("vector")
     with pytest.raises((ValueError, TypeError), match=match):
         tracked_sharpness(model, loss, x, y, vector, **args)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_forward_mode_and_the_double_vjp_fallback_agree(arch, monkeypatch) -> None:
+    """The GGN quotients by forward-mode AD, and by the double-vjp trick where an operation
+    has no forward-mode rule (simulated), are the same numbers."""
+    import importlib
+
+    T = importlib.import_module("torch_coherence.curvature.tracked_sharpness")
+
+    model, loss, x, y = _case(arch, "ce", 6)
+    model = nn.Sequential(nn.BatchNorm1d(x.shape[1]), *model).double()  # eval-mode BN
+    model[0].running_mean.uniform_(-0.5, 0.5)
+    P = sum(p.numel() for p in model.parameters())
+    v = torch.randn(P, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    forward = tracked_sharpness(model, loss, x, y, v)
+    calls = []
+
+    def no_rule(*args):
+        calls.append(1)
+        raise NotImplementedError("no forward AD formula")
+
+    monkeypatch.setattr(T, "_forward_jvp", no_rule)
+    fallback = tracked_sharpness(model, loss, x, y, v)
+    assert calls and fallback.per_sample == pytest.approx(forward.per_sample, rel=1e-10)
+    model.eval()
+    u = v / v.norm()
+    ref = torch.einsum("p,ipq,q->i", u, _dense(model, loss, x, y, "ggn"), u)
+    assert forward.per_sample == pytest.approx(ref, rel=1e-9, abs=1e-12)

@@ -42,7 +42,11 @@ def test_ddp_two_processes(tmp_path) -> None:
     model = TinyClassifier(batch_size=8)
     model.load_state_dict(torch.load(tmp_path / "weights.pt"))
     probe = CoherenceProbe(
-        loss=model.loss_fn, probe=model.data, probe_size=32, dataset_size=N_TRAIN
+        loss=model.loss_fn,
+        probe=model.data,
+        probe_size=32,
+        dataset_size=N_TRAIN,
+        estimates="probe",  # as ddp_fit.py
     )
     opt = torch.optim.SGD(model.parameters(), lr=model.lr)
     single = probe.measure(model, opt, 16).metrics

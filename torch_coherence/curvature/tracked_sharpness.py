@@ -31,9 +31,14 @@ for a draw without replacement from n examples, 1 when n is not given). r undere
 current sharpness when the top eigenvector has rotated since v was computed: it is a lower
 bound in expectation, never an overestimate of :math:`\lambda_1`.
 
-**Cost.** GGN: one forward pass and two backward passes for all :math:`J_i v` at once (the
-double-vjp trick: :math:`Jv = \partial_u \big[(J^\top u) \cdot v\big]`, the vjp of the vjp
-:math:`u \mapsto J^\top u`), then :math:`\|B_i^\top J_i v\|^2` per sample in output space.
+**Cost.** GGN: one forward-mode pass gives the outputs and all :math:`J_i v` at once
+(``torch.autograd.forward_ad`` dual numbers through :func:`torch.func.functional_call`), then
+:math:`\|B_i^\top J_i v\|^2` per sample in output space. Measured (1 thread, m = 64, load
+7): 2.4 ms on the digits MLP 64-64-10 and 35 ms on the digits CNN 16-32, against 2.6 and 29
+ms for a forward and backward pass of the same batch. A model with an operation that has no
+forward-mode rule falls back to the double-vjp trick (:math:`Jv = \partial_u
+\big[(J^\top u) \cdot v\big]`, the vjp of the vjp :math:`u \mapsto J^\top u`: one
+forward and two backward passes, 6.3 and 58 ms there).
 Hessian: :math:`v^\top \nabla^2 l_i v` per sample by the same trick applied twice to the
 vector of per-sample losses (:math:`d_i = \nabla l_i \cdot v`, then :math:`\nabla d_i
 \cdot v`), about twice the GGN's cost.
@@ -100,14 +105,45 @@ def _jvp(
     return jv
 
 
+def _forward_jvp(
+    fwd: nn.Module, inputs: object, params: list[torch.Tensor], vs: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Outputs and :math:`J v` of one forward-mode pass (raises where a rule is missing)."""
+    import torch.autograd.forward_ad as fwad
+    from torch.func import functional_call
+
+    names = {id(p): k for k, p in fwd.named_parameters(remove_duplicate=False)}
+    if any(id(p) not in names for p in params):
+        raise ValueError("a parameter is not one of the model's")
+    with torch.no_grad(), fwad.dual_level():
+        duals = {
+            names[id(p)]: fwad.make_dual(p.detach(), v) for p, v in zip(params, vs, strict=True)
+        }
+        out = fwad.unpack_dual(functional_call(fwd, duals, (inputs,)))
+    if out.tangent is None:  # no parameter reaches the outputs
+        return out.primal, torch.zeros_like(out.primal)
+    return out.primal, out.tangent
+
+
 def _ggn_quotients(
-    loss: object, out: torch.Tensor, y: object, params: list[torch.Tensor], vs: list[torch.Tensor]
+    loss: object,
+    fwd: nn.Module,
+    x: object,
+    y: object,
+    params: list[torch.Tensor],
+    vs: list[torch.Tensor],
 ) -> torch.Tensor:
     r""":math:`(J_i v)^\top \Lambda_i (J_i v) = \|B_i^\top J_i v\|^2` per sample."""
     from .losses import column, output_curvature
 
+    try:
+        out, jv = _forward_jvp(fwd, x, params, vs)
+    except Exception:  # no forward-mode rule: the double-vjp trick
+        with torch.enable_grad():
+            out = fwd(x)
+            jv = _jvp(out, params, vs, create_graph=False)
+    _check_outputs(out)
     m = out.shape[0]
-    jv = _jvp(out, params, vs, create_graph=False)
     if jv is None:
         return torch.zeros(m, dtype=torch.float64)
     jv = jv.detach().reshape(m, -1).double()
@@ -121,13 +157,25 @@ def _ggn_quotients(
     return q.cpu()
 
 
+def _check_outputs(out: torch.Tensor) -> None:
+    if not bool(torch.isfinite(out.detach()).all()):
+        raise FloatingPointError("model outputs are not finite on the batch")
+
+
 def _hessian_quotients(
-    loss: object, out: torch.Tensor, y: object, params: list[torch.Tensor], vs: list[torch.Tensor]
+    loss: object,
+    fwd: nn.Module,
+    x: object,
+    y: object,
+    params: list[torch.Tensor],
+    vs: list[torch.Tensor],
 ) -> torch.Tensor:
     r""":math:`v^\top \nabla^2 l_i v` per sample: :math:`d = (\nabla l_i \cdot v)_i` by the
     double-vjp trick (with its graph), then the same for d."""
     from .losses import per_sample_losses
 
+    out = fwd(x)
+    _check_outputs(out)
     losses = per_sample_losses(loss, out, y).reshape(-1)
     d = _jvp(losses, params, vs, create_graph=True)
     if d is None or not d.requires_grad:
@@ -207,11 +255,8 @@ def tracked_sharpness(
         raise ValueError(f"n must be an int >= the batch size {m}, got {n!r}")
     with preserved_state(model), torch.enable_grad():
         vs = [c.view(p.shape).to(p) for c, p in zip(torch.split(v, sizes), plist, strict=True)]
-        out = Forward(model, forward_fn)(inputs)
-        if not bool(torch.isfinite(out.detach()).all()):
-            raise FloatingPointError("model outputs are not finite on the batch")
         fn = _ggn_quotients if kind == "ggn" else _hessian_quotients
-        q = fn(loss, out, targets, plist, vs)
+        q = fn(loss, Forward(model, forward_fn), inputs, targets, plist, vs)
     if not bool(torch.isfinite(q).all()):
         raise FloatingPointError(f"a per-sample {kind} quotient is not finite")
     value = float(q.mean())

@@ -126,7 +126,7 @@ class CoherenceCallback(pl.Callback):
         act_on: str = "blowup",
         max_triggered: int = 10,
         lookahead: bool = True,
-        estimates: str = "probe",
+        estimates: str = "auto",
         forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         engine_kwargs: dict[str, Any] | None = None,
         log_figures: bool = True,

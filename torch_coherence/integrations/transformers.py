@@ -240,7 +240,7 @@ class CoherenceTrainerCallback(TrainerCallback):
         act_on: str = "blowup",
         max_triggered: int = 10,
         lookahead: bool = True,
-        estimates: str = "probe",
+        estimates: str = "auto",
         forward_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
         engine_kwargs: dict[str, Any] | None = None,
     ) -> None:
