@@ -135,6 +135,7 @@ def parts_row(key: str, data: object, args: argparse.Namespace) -> str:
     lookahead = max(with_la - base, 0.0)
     vector = dataset_sharpness(model, step.loss, data, seed=0).vector
     x, y = draw_batch(data, 64, 0, 1, torch.device("cpu"))
+    tracked_sharpness(model, step.loss, x, y, vector)  # forward-mode AD's one-time load
     light = _median(
         lambda: tracked_sharpness(model, step.loss, x, y, vector, n=len(data)), args.repeats
     )

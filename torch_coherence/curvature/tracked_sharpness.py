@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["TrackedSharpness", "tracked_sharpness"]
+__all__ = ["TrackedSharpness", "tracked_sharpness", "warm_up"]
 
 KINDS = ("ggn", "hessian")
 
@@ -103,6 +103,17 @@ def _jvp(
         allow_unused=True,
     )
     return jv
+
+
+def warm_up() -> None:
+    """Pay the one-time cost of the first forward-mode pass now: torch loads its jvp
+    decompositions on first use (``torch._decomp``; 1-2 s on one loaded CPU thread, 0.5 ms for
+    the passes after it). The probe calls it at its full probes, so that no light probe's
+    measured cost includes it."""
+    import torch.autograd.forward_ad as fwad
+
+    with fwad.dual_level():
+        fwad.make_dual(torch.zeros(1), torch.zeros(1))
 
 
 def _forward_jvp(

@@ -4,6 +4,7 @@ callback, as a package whose parts a reader finds by name:
 * :mod:`.probe`: :class:`CoherenceProbe` (measure -> assess -> decide -> commit, state);
 * :mod:`.assess`: the pure assessment and its functional twin :func:`assess`;
 * :mod:`.schedule`: steps, time budget, pre-flight and triggered probes;
+* :mod:`.light`: the light probe (tracked sharpness) between full probes, and its escalation;
 * :mod:`.policy`: criterion, hysteresis, actions;
 * :mod:`.messages`: every user-facing sentence and the warning categories;
 * :mod:`.tags`: the one list of metric tags (:data:`TAGS`, :data:`TAG_DESCRIPTIONS`).

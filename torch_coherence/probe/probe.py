@@ -706,6 +706,10 @@ class CoherenceProbe:
         else the engine's Hessian one of the probe batch, else none."""
         if sharp is not None and isinstance(self._dataset_vector, torch.Tensor):
             kind = "hessian" if self.sharpness == "hessian" else "ggn"
+            if kind == "ggn" and self._tracker is _default_tracker:
+                from ..curvature.tracked_sharpness import warm_up
+
+                warm_up()  # once per process: not in the first light probe's cost
             return _light.Tracked(self._dataset_vector, kind, sharp.value, self.steps)
         if self._warm_vector is None:
             return None

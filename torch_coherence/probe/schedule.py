@@ -22,8 +22,10 @@ outside the budget (one per start, at most ``max_triggered`` per fit). With a pr
 ``c`` training steps, scheduled probes come every ``max(every_n_steps, c / max_overhead)``
 steps: with the defaults (100 steps, 3%) a fit of 1000 steps gets the pre-flight probe and
 at least 9 scheduled ones when a probe costs at most 3 training steps (for instance 30 ms
-against 10 ms steps); a probe of 30 training steps (a sub-millisecond step, or an expensive
-model) gets one scheduled probe per 1000 steps.
+against 10 ms steps). A full probe of 30 training steps or more (a sub-millisecond step, an
+expensive model, the data-set estimates) fits about once per 1000 steps or less; in its
+place the light probe (about 1-3 training steps) keeps the rhythm of ``every_n_steps``
+wherever it fits, and asks for a full probe when the tracked sharpness calls for one.
 """
 
 from __future__ import annotations
