@@ -314,3 +314,27 @@ def test_light_tags_are_conditional_and_described() -> None:
     for tag in ("sharpness/tracked", "sharpness/tracked_stderr"):
         assert tag in CONDITIONAL_TAGS and TAG_DESCRIPTIONS[tag]
     assert math.isclose(L.GD_FRACTION, 0.8) and math.isclose(L.RISE_FACTOR, 1.5)
+
+
+def test_draw_batch_is_seeded_and_the_same_for_every_kind_of_dataset() -> None:
+    from torch_coherence.probe.data import Pairs
+
+    data = _data(30)
+
+    class Plain:  # a map-style dataset without tensors: collated item by item
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return data[i]
+
+    dev = torch.device("cpu")
+    x, y = L.draw_batch(data, 8, 3, 40, dev)
+    for other in (Pairs(*data.tensors), Plain()):
+        x2, y2 = L.draw_batch(other, 8, 3, 40, dev)
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+    x3, _ = L.draw_batch(data, 8, 3, 41, dev)  # another step: another batch
+    assert x.shape == (8, 5) and not torch.equal(x, x3)
+    rng = torch.get_rng_state()
+    L.draw_batch(data, 8, 3, 40, dev)
+    assert torch.equal(rng, torch.get_rng_state())

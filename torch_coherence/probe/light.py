@@ -72,7 +72,13 @@ def draw_batch(dataset: Any, size: int, seed: int, step: int, device: torch.devi
     n = len(dataset)
     gen = torch.Generator().manual_seed((seed * 1_000_003 + step) * 101 + 53)
     idx = torch.randperm(n, generator=gen)[: min(size, n)].sort().values
-    x, y = data_batch(dataset, idx, torch.device("cpu"))
+    tensors = getattr(dataset, "tensors", None)  # a TensorDataset: index, do not collate
+    if isinstance(dataset, _data.Pairs):
+        x, y = _data.index(dataset.inputs, idx), _data.index(dataset.targets, idx)
+    elif isinstance(tensors, tuple) and len(tensors) == 2:
+        x, y = tensors[0][idx], tensors[1][idx]
+    else:
+        x, y = data_batch(dataset, idx, torch.device("cpu"))
     return _data.to(x, device), _data.to(y, device)
 
 
