@@ -101,12 +101,12 @@ def test_sub_millisecond_steps_get_few_light_probes(monkeypatch) -> None:
 
 @pytest.mark.parametrize(
     ("values", "lr", "phrase"),
-    [((3.0,), 0.6, "of the gradient-descent bound"), ((1.0, 3.4), 0.01, "above 1.5 x")],
+    [((3.0,), 0.6, "of the gradient-descent bound"), ((1.0, 3.4), 0.2, "above 1.5 x")],
 )
 def test_a_light_probe_escalates_to_a_triggered_full_probe(monkeypatch, values, lr, phrase):
     """lr x tracked (3.0 x 0.6 = 1.8 >= 0.8 x 2) or a rise above 1.5 x the last full
-    probe's sharpness (2.2, the scripted Hessian sharpness) asks for a full probe at once;
-    the ask counts against max_triggered."""
+    probe's sharpness (2.2, the scripted Hessian sharpness) with lr x tracked (0.68) at least
+    0.25 of the bound asks for a full probe at once; the ask counts against max_triggered."""
     probe, _ = _fit(monkeypatch, 1000, 0.01, 0.3, 0.015, values=values, lr=lr)
     kinds = [h["kind"] for h in probe.history]
     first = next(i for i, h in enumerate(probe.history) if "escalate" in h)
@@ -127,6 +127,8 @@ def test_escalation_rule() -> None:
     assert "gradient-descent bound" in L.escalation(31.0, settings, tracked)
     assert L.escalation(14.9, settings, tracked) is None  # 1.49 x, lr x 14.9 = 1.49
     assert "above 1.5 x" in L.escalation(15.1, settings, tracked)
+    # a rise far below the bound (lr x 15.1 = 0.151 < 0.25 x 3.8) asks for nothing
+    assert L.escalation(15.1, {**settings, "lr": 0.01}, tracked) is None
     # a full probe that already saw lr x sharpness at 0.8 of the bound judged it: only a
     # further rise of 1.5 x asks again
     high = L.Tracked(torch.ones(2), "ggn", sharpness=31.0, step=0)
