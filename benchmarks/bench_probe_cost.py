@@ -180,6 +180,8 @@ def fit_row(key: str, data: object, batch_size: int, steps: int) -> str:
     per_step = train / max(steps, 1)
     outside = sched.outside_seconds
     counts = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items()))
+    asked = sum("escalate" in h for h in probe.history)
+    counts += f"; {asked} asked by a light probe"
     return (
         f"{name} | {batch_size} | {steps} | {1e3 * per_step:.2f} | {len(probe.history)} "
         f"({counts}) | {1e3 * light:.1f} ({light / per_step:.1f} steps) | "

@@ -340,3 +340,44 @@ def test_draw_batch_is_seeded_and_the_same_for_every_kind_of_dataset() -> None:
     rng = torch.get_rng_state()
     L.draw_batch(data, 8, 3, 40, dev)
     assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_guard_triggered_probes_skip_the_dataset_estimates_unless_they_fit(monkeypatch) -> None:
+    """A loss spike's probe runs at once with the probe's own estimates (n = m) when the
+    data-set ones do not fit the budget; a light probe's escalation gets the data-set ones;
+    the tracked eigenvector survives a probe that computed none."""
+    clock = [0.0]
+    monkeypatch.setattr(S, "now", lambda: clock[0])
+    data = _data(40)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
+    probe = CoherenceProbe(
+        loss=nn.CrossEntropyLoss(),
+        probe=data,
+        probe_size=16,
+        dataset_size=40,
+        criterion="theorem1",
+        lookahead=False,
+        engine=_slow_engine(clock),
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe.start()
+    probe.run(model, opt, 8, warn=collect([]))
+    assert probe.history[-1]["sharpness/samples"] == 40  # pre-flight: the training set's
+    probe._dataset_seconds = 50.0  # as if the data-set estimates cost 50 s
+    tracked = probe._tracked
+    for value in [1.0] * 20:
+        clock[0] += 0.01
+        probe.count_step()
+        probe.observe(value, 0.01)
+    probe.count_step()
+    assert probe.observe(10.0, 0.01)  # a spike: triggered
+    probe.run(model, opt, 8, warn=collect([]))
+    entry = probe.history[-1]
+    assert entry["kind"] == "triggered" and entry["sharpness/samples"] == 16
+    assert entry["coherence/sigma_n"] == 16 and probe._tracked is tracked
+    assert probe.schedule.request(L.ESCALATION_PREFIX + " 9.9 above 1.5 x ...")
+    probe.run(model, opt, 8, warn=collect([]))
+    entry = probe.history[-1]
+    assert entry["kind"] == "triggered" and entry["sharpness/samples"] == 40
+    assert entry["coherence/sigma_n"] == 40

@@ -57,6 +57,8 @@ RISE_FACTOR = 1.5
 #: ``max_triggered`` is kept for the guard (a digits MLP from initialisation, lr 0.1: 0.52
 #: at step 0, 3.14 at step 100, lr x sharpness 0.05-0.3 against a bound of 2).
 RISE_FLOOR = 0.25
+#: How every escalation reason begins (the triggered probe that answers it is told apart).
+ESCALATION_PREFIX = "tracked sharpness"
 #: Assumed cost of a light probe before it has run once, in training steps.
 FIRST_COST_STEPS = 2.0
 

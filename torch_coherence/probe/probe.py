@@ -406,6 +406,7 @@ class CoherenceProbe:
         self._tracker = tracker or _default_tracker
         self._tracked: _light.Tracked | None = None
         self._light_seconds: float | None = None
+        self._dataset_seconds: float | None = None
         self.forward_fn = forward_fn
         self.engine_kwargs = dict(engine_kwargs or {})
         self._engine = engine or _default_engine
@@ -621,7 +622,8 @@ class CoherenceProbe:
         try:
             settings = effective_optimizer_params(optimizer)
             lr = float(settings["lr"])
-            assessment, curv = self._assess(model, settings, batch_size)
+            dataset = self._dataset_now(kind, trigger)
+            assessment, curv = self._assess(model, settings, batch_size, dataset)
             extras, updates = self._extras(model, optimizer, assessment, curv, kind, start)
         except Exception as err:  # any failure of a diagnostic is reported
             cost = _schedule.now() - start
@@ -656,8 +658,25 @@ class CoherenceProbe:
             updates=updates,
         )
 
+    def _dataset_now(self, kind: str, trigger: str | None) -> bool:
+        """Whether this full probe computes the data-set estimates: at pre-flight, scheduled
+        and light-escalated probes whenever ``estimates`` asks for them; at a probe the guard
+        triggered (a loss spike, an lr change) only when their last cost fits the budget, so
+        that the guard's immediate probes cost the probe and the lookahead (the blow-up
+        prediction), not hundreds of training steps each. Such a probe logs the probe's own
+        values, n = m."""
+        if not self.uses_dataset_estimates:
+            return False
+        if kind != "triggered" or (trigger or "").startswith(_light.ESCALATION_PREFIX):
+            return True
+        return self.schedule.affordable(self._dataset_seconds or 0.0)
+
     def _assess(
-        self, model: nn.Module, settings: dict[str, float | None], batch_size: float
+        self,
+        model: nn.Module,
+        settings: dict[str, float | None],
+        batch_size: float,
+        dataset: bool = False,
     ) -> tuple[Assessment, Any]:
         n = int(self.dataset_size)  # type: ignore[arg-type]
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
@@ -681,12 +700,14 @@ class CoherenceProbe:
                         model, inputs, targets, self.loss, self.forward_fn
                     )
             sharp = sigma = None
-            if self.uses_dataset_estimates:
+            if dataset:
+                t0 = _schedule.now()
                 sharp, sigma = self._dataset_estimates(model)
+                self._dataset_seconds = _schedule.now() - t0
         self.last_curvature = curv
         warm = getattr(curv, "sharpness_vector", None)
         self._warm_vector = warm if isinstance(warm, torch.Tensor) else None
-        self._tracked = self._tracked_from(curv, sharp)
+        self._tracked = self._tracked_from(curv, sharp) or self._tracked
         assessment = assess(
             curv,
             settings,
