@@ -84,6 +84,19 @@ def test_loss_spike_over_the_running_median_triggers() -> None:
     assert not young.observe(100.0, 0.01)
 
 
+def test_a_converged_fits_small_spikes_do_not_trigger() -> None:
+    """3 x the running median is not enough far below the fit's starting loss: the spike
+    must also reach SPIKE_FLOOR (0.5) x the median of the fit's first losses."""
+    probe = scripted_probe(every_n_steps=1000)
+    probe.start()
+    _settled(probe, losses=[2.0] * 10 + [0.02] * 40)  # start loss 2.0, converged at 0.02
+    probe.count_step()
+    assert probe.schedule.start_loss == 2.0
+    assert not probe.observe(0.9, 0.01)  # 45 x the median, but below 0.5 x 2.0
+    probe.count_step()
+    assert probe.observe(1.1, 0.01)
+
+
 def test_learning_rate_change_triggers() -> None:
     probe = scripted_probe(every_n_steps=1000)
     _settled(probe, lr=0.1)

@@ -309,7 +309,9 @@ class CoherenceProbe:
             training dataset is known: passes over it (up to 2048 examples) at every full
             probe, far more accurate (``docs/estimates.md``) and more costly than the probe's
             own values; without it (explicit probe tensors) the probe's own, n = m said in
-            the tags. ``"probe"`` asks for the probe's own values.
+            the tags. ``"probe"`` asks for the probe's own values. A probe the guard
+            triggers computes them only when their last cost fits the budget (the blow-up
+            lookahead is what it needs at once).
         forward_fn: ``forward_fn(model, inputs) -> outputs`` when ``model(inputs)`` is not the
             forward pass the loss expects.
         engine_kwargs: further keyword arguments for :func:`torch_coherence.measure_curvature`.
