@@ -182,3 +182,26 @@ def test_explicit_tensors_or_estimates_probe_keep_the_probes_own_values() -> Non
         assert m["coherence/sigma_n"] == m["probe/size"] == m["sharpness/samples"]
     with pytest.raises(ValueError, match="estimates"):
         CoherenceProbe(estimates="full")
+
+
+def test_auto_falls_back_to_the_probes_values_when_the_dataset_estimates_fail() -> None:
+    """A class-weighted loss (which dataset_sharpness refuses): with the default 'auto' the
+    probe's own values stand and a note says so once; 'dataset' reports the failure."""
+    from torch_coherence.probe import CoherenceProbe, CoherenceWarning
+
+    data, model, _ = _dataset_case(40)
+    loss = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 1.0]))
+    common = {"loss": loss, "probe": data, "probe_size": 16, "dataset_size": 40}
+    common.update(lookahead=False, criterion="theorem1", max_overhead=None)
+    probe = CoherenceProbe(**common)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    seen: list = []
+    for _ in range(2):
+        res = probe.run(model, opt, 8, warn=collect(seen))
+        assert res.error is None and res.metrics["coherence/sigma_n"] == 16
+    notes = [t for t, c in seen if "could not be computed" in t]
+    assert len(notes) == 1 and "class weights" in notes[0]
+    assert all(c is CoherenceWarning for t, c in seen if t in notes)
+    strict = CoherenceProbe(estimates="dataset", **common)
+    res = strict.run(model, opt, 8, warn=collect([]))
+    assert res.error is not None and "class weights" in res.error

@@ -291,3 +291,13 @@ def blown_up(step: int, trigger: str, err: BaseException, raising: bool) -> str:
         f"weights ({what}). Restart from a checkpoint before the blow-up with a lower learning "
         f"rate.{tail}"
     )
+
+
+def dataset_estimates_failed(step: int, err: BaseException) -> str:
+    """The data-set estimates of ``estimates="auto"`` failed: the probe's own values stand."""
+    what = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+    return (
+        f"{PREFIX}: the training set's sharpness and sigma at optimizer step {step} could not "
+        f"be computed ({what}); the probe logs its own values over its m examples instead "
+        "(coherence/sigma_n and sharpness/samples say so; said once)"
+    )

@@ -59,8 +59,8 @@ class PolicyState:
     of ``margin_warning``, of the linear verdict, of the mean-square-only case and of the
     blow-up prediction. ``eos``: the edge-of-stability note is still to be said (once).
     ``lr_zero``: the learning-rate-0 note is armed. ``noted_gram``, ``noted_optimizer``,
-    ``noted_lookahead``: one-time notes already said. ``last_used``: the linear criterion
-    of the last probe.
+    ``noted_lookahead``, ``noted_dataset``: one-time notes already said. ``last_used``: the
+    linear criterion of the last probe.
     """
 
     approach: bool = True
@@ -72,6 +72,7 @@ class PolicyState:
     noted_gram: bool = False
     noted_optimizer: bool = False
     noted_lookahead: bool = False
+    noted_dataset: bool = False
     last_used: str | None = None
 
     def as_dict(self) -> dict[str, Any]:

@@ -409,6 +409,7 @@ class CoherenceProbe:
         self._tracked: _light.Tracked | None = None
         self._light_seconds: float | None = None
         self._dataset_seconds: float | None = None
+        self._dataset_error: BaseException | None = None
         self.forward_fn = forward_fn
         self.engine_kwargs = dict(engine_kwargs or {})
         self._engine = engine or _default_engine
@@ -702,9 +703,15 @@ class CoherenceProbe:
                         model, inputs, targets, self.loss, self.forward_fn
                     )
             sharp = sigma = None
+            self._dataset_error = None
             if dataset:
                 t0 = _schedule.now()
-                sharp, sigma = self._dataset_estimates(model)
+                try:
+                    sharp, sigma = self._dataset_estimates(model)
+                except Exception as err:  # "auto": the probe's own values stand, said once
+                    if self.estimates != "auto":
+                        raise
+                    self._dataset_error = err
                 self._dataset_seconds = _schedule.now() - t0
         self.last_curvature = curv
         warm = getattr(curv, "sharpness_vector", None)
@@ -934,7 +941,7 @@ class CoherenceProbe:
     def _notes(
         self, step: int, optimizer: Any, extras: dict[str, Any], state: PolicyState
     ) -> tuple[list[tuple[str, type[Warning]]], PolicyState]:
-        """One-time notes: a non-SGD optimizer, a failed lookahead."""
+        """One-time notes: a non-SGD optimizer, a failed lookahead, failed data-set estimates."""
         notes: list[tuple[str, type[Warning]]] = []
         base = count_target(optimizer)
         if not state.noted_optimizer and not isinstance(base, torch.optim.SGD):
@@ -944,6 +951,10 @@ class CoherenceProbe:
         if err is not None and not state.noted_lookahead:
             notes.append((text.lookahead_failed(step, err), CoherenceWarning))
             state = replace(state, noted_lookahead=True)
+        err = self._dataset_error
+        if err is not None and not state.noted_dataset:
+            notes.append((text.dataset_estimates_failed(step, err), CoherenceWarning))
+            state = replace(state, noted_dataset=True)
         return notes, state
 
     def _next_step(self, step: int, kind: str, cost: float, base: float | None = None) -> int:
