@@ -44,6 +44,10 @@ def test_fit_logs_tags_to_tensorboard(tmp_path) -> None:
     # the pre-flight probe at step 0, before the first optimizer step, then every 2 steps
     assert [h["step"] for h in cb.history] == [0, 2, 4, 6, 8, 10, 12]
     assert cb.history[0]["batch_size"] == 16.0
+    # the default estimates: the training set's (n = 96 <= 500: exact sigma_n), not the probe's
+    for h in cb.history:
+        assert h["sharpness/samples"] == h["coherence/sigma_n"] == N_TRAIN, h
+        assert h["coherence/sigma_stderr"] == 0.0 and h["probe/size"] == 16
     (event_file,) = glob.glob(str(tmp_path / "tb" / "version_0" / "events.*"))
     acc = EventAccumulator(event_file, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
     acc.Reload()
