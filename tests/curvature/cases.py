@@ -183,6 +183,42 @@ class Norms(nn.Module):
         return self.out(torch.tanh(self.bn(self.rms(torch.tanh(self.ln(self.inp(x)))))))
 
 
+class MyLinear(nn.Linear):
+    """A subclass that keeps ``nn.Linear.forward`` (as FSDP2's ``FSDPLinear`` does)."""
+
+
+class MyConv(nn.Conv2d):
+    pass
+
+
+class MyNorm(nn.LayerNorm):
+    pass
+
+
+class ScaledLinear(nn.Linear):
+    """A subclass with its own ``forward``: the Linear rule does not describe it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * super().forward(x) + 0.5 * torch.tanh(x).sum(-1, keepdim=True)
+
+
+class Subclasses(nn.Module):
+    """Subclasses of covered types: inherited ``forward`` (covered) and an overriding one."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = MyConv(2, 3, 3, padding=1)
+        self.norm = MyNorm(3)
+        self.lin = MyLinear(3, 4)
+        self.scaled = ScaledLinear(4, 4)
+        self.out = MyLinear(4, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x).flatten(2).transpose(1, 2)  # (m, positions, channels)
+        h = torch.tanh(self.lin(self.norm(h))).mean(1)
+        return self.out(torch.tanh(self.scaled(h)))
+
+
 def _float(*shape: int) -> Callable[[torch.Generator], torch.Tensor]:
     return lambda g: torch.randn(M, *shape, generator=g)
 
@@ -230,6 +266,7 @@ CASES: dict[str, Case] = {
     "bare_frozen": Case(Bare, _float(4)),
     "norms": Case(Norms, _float(4)),
     "compiled_submodule": Case(CompiledInside, _float(4)),
+    "subclasses": Case(Subclasses, _float(2, 3, 3)),
     "compiled": Case(
         lambda c: _seq(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, c)), _float(4), compiled=True
     ),

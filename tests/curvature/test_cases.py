@@ -20,6 +20,7 @@ EXPECTED_FALLBACK = {
     "tied": {"emb.weight"},
     "attention_zero_attn": {"attn."},  # add_zero_attn: no rule
     "bare_frozen": {"w"},
+    "subclasses": {"scaled."},  # its own forward: the Linear rule does not apply
 }
 
 
