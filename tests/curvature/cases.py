@@ -79,6 +79,23 @@ class Tied(nn.Module):
         return F.linear(h, self.emb.weight)
 
 
+class TiedModule(nn.Module):
+    """Tying through an ``nn.Linear`` whose weight is the embedding's (V d > m R: the Gram
+    root path of the tied rule), with a bias of its own and a positional embedding."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(c, 8, padding_idx=0)
+        self.pos = nn.Embedding(3, 8)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, c)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids) + self.pos(torch.arange(ids.shape[1]))
+        return self.head(torch.tanh(self.mix(h)).mean(1))
+
+
 class Positional(nn.Module):
     """Token embedding plus a positional embedding of ``torch.arange(T)`` (no batch axis)."""
 
@@ -257,6 +274,7 @@ CASES: dict[str, Case] = {
         lambda c: _seq(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, c)), _float(4)
     ),
     "tied": Case(Tied, _ids(3, 3)),
+    "tied_module": Case(TiedModule, _ids(3, 3)),
     "positional_T_eq_m": Case(lambda c: Positional(c, M), _ids(7, M)),
     "positional": Case(lambda c: Positional(c, 3), _ids(7, 3)),
     "encoder": Case(Encoder, _float(3, 3)),

@@ -174,11 +174,12 @@ class SampledSequenceFactor(_TokenLayout):
         _m, T, V = p.shape
         super().__init__(out_shape, T, V, last, labels.shape[2])
         self.p, self.omega, self.labels = p, omega, labels
+        self.scale = (omega.sqrt() / self._r0**0.5).unsqueeze(2)  # (m, T, 1)
 
     def _column(self, r: int, rows: slice) -> torch.Tensor:
-        p = self.p[rows]
-        onehot = torch.zeros_like(p).scatter_(2, self.labels[rows, :, r : r + 1], 1.0)
-        val = (p - onehot) * (self.omega[rows].sqrt() / self._r0**0.5).unsqueeze(2)
+        s = self.scale[rows]
+        val = self.p[rows] * s  # one pass over (n, T, V); the label entries then get -s
+        val.scatter_add_(2, self.labels[rows, :, r : r + 1], -s)
         return self._to_layout(val)
 
     def _compact(self) -> list[torch.Tensor]:
