@@ -22,8 +22,11 @@ fallback, named with the reason in ``notes.fallback``):
 
 * a covered weight enters the model only through its module's ``forward``: parameters
   registered in two modules are not covered, and a :class:`torch.overrides.TorchFunctionMode`
-  watches the recording pass for any read of a covered parameter outside its module (weight
-  tying ``F.linear(h, emb.weight)``);
+  watches the recording pass for any read of a covered parameter outside its module. The one
+  exception is a rule with ``tied = True`` (``nn.Embedding``): its weight may be registered in
+  other modules too, and each ``F.linear(x, weight)`` read outside it (weight tying, by an
+  ``nn.Linear`` sharing the weight or a direct call) is recorded as one more call of the
+  embedding, whose rule combines all its calls (``rule.combine``; :mod:`.layers.embedding`);
 * the recorded tensors are the ones the model used: the forward hook hands the model a copy of
   the layer output (so ``ReLU(inplace=True)`` after it modifies the copy) and the layer input's
   version counter is compared after the pass (an in-place change afterwards is detected);

@@ -21,7 +21,11 @@ the ``torch.func`` fallback. Per call, ``pieces(module, x, grad, w, b)`` turns t
 ghost pairs ``(a, d)`` (concatenated along t over several calls of the module) or materialised
 per-sample rows (summed over calls). It may still return ``None`` for an input it cannot treat
 (the engine itself declines calls whose input or output does not start with the probe's m
-samples), and that module then goes to the fallback as well.
+samples), and that module then goes to the fallback as well. Two optional members: a rule
+with ``combine(module, per_call)`` sees the pieces of all of a module's calls together (when
+they are not independent terms), and ``tied = True`` lets the module's weight be shared with
+other modules, every ``F.linear`` read of it being recorded as a call of this module
+(weight tying, :mod:`.embedding`).
 
 Registered rules: :mod:`.linear` (``nn.Linear``), :mod:`.conv` (``nn.Conv1d``/``nn.Conv2d``, any
 groups, padding and padding mode), :mod:`.embedding` (``nn.Embedding``), :mod:`.norm` (affine
