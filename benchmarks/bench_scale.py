@@ -7,9 +7,11 @@ Workloads (all on random data; CIFAR-sized images 3x32x32, no downloads):
 * ``resnet18-10`` / ``resnet18-100``: the CIFAR ResNet-18 (3x3 stem, no max-pool; 11.2M
   parameters), BatchNorm in eval mode as the engine probes it, C = 10 and 100.
 * ``encoder``: a 4-layer ``nn.TransformerEncoder`` (width 256, 4 heads, feed-forward 1024,
-  tokens 64 of a 1000-word vocabulary, mean-pooled, 10 classes; 3.44M parameters).
+  tokens 64 of a 1000-word vocabulary, learned positions as ``nn.Embedding``, mean-pooled,
+  10 classes; 3.44M parameters).
 * ``lm8000`` / ``lm32000``: a GPT-style causal LM (4 pre-LN blocks of width 256, 4 heads,
-  sequence 128, tied input/output embedding, learned positions), m = 16 sequences,
+  sequence 128, tied input/output embedding, learned positions as ``nn.Embedding`` as in
+  GPT-2), m = 16 sequences,
   cross-entropy on (m, T, V) logits: a sample is a sequence. ``-mc`` uses
   ``factors="mc"`` (4 sampled columns per sequence), ``-topk`` ``factors="topk"``.
 
@@ -116,19 +118,32 @@ class ResNet18(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
+def positions(T: int, d: int) -> nn.Embedding:
+    """Learned positions as ``nn.Embedding(T, d)`` (GPT-2's ``wpe``, BERT's position
+    embeddings), N(0, 0.02^2): the same numbers as ``torch.randn(T, d) * 0.02`` drawn here."""
+    pos = nn.Embedding(T, d)
+    with torch.no_grad():
+        pos.weight.mul_(0.02)
+    return pos
+
+
+def arange_like(ids: torch.Tensor) -> torch.Tensor:
+    return torch.arange(ids.shape[1], device=ids.device)
+
+
 class Encoder(nn.Module):
     """Token classifier: embedding, 4 encoder layers of width 256, mean pool, 10 classes."""
 
     def __init__(self, vocab: int = 1000, d: int = 256, T: int = 64) -> None:
         super().__init__()
         self.emb = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(torch.randn(T, d) * 0.02)
+        self.pos = positions(T, d)
         layer = nn.TransformerEncoderLayer(d, 4, 4 * d, dropout=0.0, batch_first=True)
         self.body = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
         self.head = nn.Linear(d, 10)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(self.emb(ids) + self.pos).mean(1))
+        return self.head(self.body(self.emb(ids) + self.pos(arange_like(ids))).mean(1))
 
 
 class Block(nn.Module):
@@ -157,7 +172,7 @@ class GPT(nn.Module):
     def __init__(self, vocab: int, d: int = 256, layers: int = 4, T: int = 128) -> None:
         super().__init__()
         self.tok = nn.Embedding(vocab, d)
-        self.pos = nn.Parameter(torch.randn(T, d) * 0.02)
+        self.pos = positions(T, d)
         self.blocks = nn.Sequential(*[Block(d, 4) for _ in range(layers)])
         self.ln = nn.LayerNorm(d)
         self.head = nn.Linear(d, vocab, bias=False)
@@ -165,7 +180,7 @@ class GPT(nn.Module):
         nn.init.normal_(self.tok.weight, std=0.02)  # GPT-2's init (N(0, 1) saturates the softmax)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        h = self.tok(ids) + self.pos[: ids.shape[1]]
+        h = self.tok(ids) + self.pos(arange_like(ids))
         return self.head(self.ln(self.blocks(h)))
 
 

@@ -79,6 +79,23 @@ class Tied(nn.Module):
         return F.linear(h, self.emb.weight)
 
 
+class TiedModule(nn.Module):
+    """Tying through an ``nn.Linear`` whose weight is the embedding's (V d > m R: the Gram
+    root path of the tied rule), with a bias of its own and a positional embedding."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(c, 8, padding_idx=0)
+        self.pos = nn.Embedding(3, 8)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, c)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids) + self.pos(torch.arange(ids.shape[1]))
+        return self.head(torch.tanh(self.mix(h)).mean(1))
+
+
 class Positional(nn.Module):
     """Token embedding plus a positional embedding of ``torch.arange(T)`` (no batch axis)."""
 
@@ -183,6 +200,42 @@ class Norms(nn.Module):
         return self.out(torch.tanh(self.bn(self.rms(torch.tanh(self.ln(self.inp(x)))))))
 
 
+class MyLinear(nn.Linear):
+    """A subclass that keeps ``nn.Linear.forward`` (as FSDP2's ``FSDPLinear`` does)."""
+
+
+class MyConv(nn.Conv2d):
+    pass
+
+
+class MyNorm(nn.LayerNorm):
+    pass
+
+
+class ScaledLinear(nn.Linear):
+    """A subclass with its own ``forward``: the Linear rule does not describe it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * super().forward(x) + 0.5 * torch.tanh(x).sum(-1, keepdim=True)
+
+
+class Subclasses(nn.Module):
+    """Subclasses of covered types: inherited ``forward`` (covered) and an overriding one."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = MyConv(2, 3, 3, padding=1)
+        self.norm = MyNorm(3)
+        self.lin = MyLinear(3, 4)
+        self.scaled = ScaledLinear(4, 4)
+        self.out = MyLinear(4, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x).flatten(2).transpose(1, 2)  # (m, positions, channels)
+        h = torch.tanh(self.lin(self.norm(h))).mean(1)
+        return self.out(torch.tanh(self.scaled(h)))
+
+
 def _float(*shape: int) -> Callable[[torch.Generator], torch.Tensor]:
     return lambda g: torch.randn(M, *shape, generator=g)
 
@@ -221,6 +274,7 @@ CASES: dict[str, Case] = {
         lambda c: _seq(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, c)), _float(4)
     ),
     "tied": Case(Tied, _ids(3, 3)),
+    "tied_module": Case(TiedModule, _ids(3, 3)),
     "positional_T_eq_m": Case(lambda c: Positional(c, M), _ids(7, M)),
     "positional": Case(lambda c: Positional(c, 3), _ids(7, 3)),
     "encoder": Case(Encoder, _float(3, 3)),
@@ -230,6 +284,7 @@ CASES: dict[str, Case] = {
     "bare_frozen": Case(Bare, _float(4)),
     "norms": Case(Norms, _float(4)),
     "compiled_submodule": Case(CompiledInside, _float(4)),
+    "subclasses": Case(Subclasses, _float(2, 3, 3)),
     "compiled": Case(
         lambda c: _seq(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, c)), _float(4), compiled=True
     ),

@@ -17,9 +17,10 @@ K_TOL = {torch.float32: 2e-5, torch.float64: 1e-11}
 EXPECTED_FALLBACK = {
     "lstm": {"rnn."},
     "gru": {"rnn."},
-    "tied": {"emb.weight"},
+    "tied_module": {"head.bias"},  # the tied Linear's own bias
     "attention_zero_attn": {"attn."},  # add_zero_attn: no rule
     "bare_frozen": {"w"},
+    "subclasses": {"scaled."},  # its own forward: the Linear rule does not apply
 }
 
 

@@ -120,3 +120,83 @@ def test_attention_rule_declines_when_its_forward_does_not_reproduce_the_module(
     rep = measure_curvature(model, x, y, loss, sharpness="ggn", return_gram=True)
     assert rep.fallback_blocks["attn.in_proj_weight"].startswith("the attention re-implementation")
     assert rep.rechecked_blocks == {} and _error(rep, Kref) < 1e-11
+
+
+def test_self_check_catches_a_subclass_forward_the_registry_let_through(monkeypatch):
+    """A subclass overriding ``forward`` goes to the fallback up front; were the MRO lookup to
+    give it its base's rule anyway (the guard in ``registered_base`` removed), the Linear rule
+    would describe the wrong function, and the self-check names and recomputes that block."""
+    from torch_coherence.curvature import layers
+
+    model, ref, x, y, loss = make_problem("subclasses", "ce", torch.float64)
+    Kref = dense_gram(ref, x, y, loss)
+    rep = measure_curvature(model, x, y, loss, sharpness="ggn", return_gram=True)
+    assert set(rep.fallback_blocks) == {"scaled.weight", "scaled.bias"}
+    assert rep.rechecked_blocks == {} and _error(rep, Kref) < 1e-11
+
+    def mro_only(cls):
+        return next((b for b in cls.__mro__ if b in layers.REGISTRY), None)
+
+    monkeypatch.setattr(layers, "registered_base", mro_only)
+    rep = measure_curvature(model, x, y, loss, sharpness="ggn", return_gram=True)
+    assert set(rep.rechecked_blocks) == {"scaled"} and rep.rechecked_blocks["scaled"] > 0.05
+    assert _error(rep, Kref) < 1e-11
+    blind = measure_curvature(model, x, y, loss, sharpness="ggn", return_gram=True, self_check=0)
+    assert _error(blind, Kref) > 0.02
+
+
+def test_registry_follows_the_mro_only_without_an_own_forward():
+    from torch.distributed.fsdp import FSDPModule
+
+    from torch_coherence.curvature.layers import find_rule
+    from torch_coherence.curvature.layers.linear import LinearRule
+    from torch_coherence.curvature.layers.norm import NormRule
+
+    lin = nn.Linear(3, 3)
+    lin.__class__ = type("FSDPLinear", (FSDPModule, nn.Linear), {})  # what fully_shard does
+    assert isinstance(find_rule(lin), LinearRule)
+
+    class Norm(nn.LayerNorm):
+        pass
+
+    class Own(nn.LayerNorm):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    class OwnChild(Own):  # inherits a forward that is not LayerNorm's
+        pass
+
+    assert isinstance(find_rule(Norm(3)), NormRule)
+    assert find_rule(Own(3)) is None and find_rule(OwnChild(3)) is None
+    assert find_rule(nn.MultiheadAttention(4, 2).out_proj) is None  # its parent reads it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", ["tied", "tied_module"])
+def test_tied_rule_sums_both_uses_and_the_check_catches_dropped_cross_terms(
+    monkeypatch, case, dtype
+):
+    """The tied weight's rows are the sum of the embedding's and the linear read's rows; a rule
+    that adds the two uses' Grams instead (no cross terms) is caught and recomputed."""
+    from torch_coherence.curvature.layers import embedding
+
+    model, ref, x, y, loss = make_problem(case, "ce", dtype)
+    Kref = dense_gram(ref, x, y, loss)
+    tol = 1e-11 if dtype == torch.float64 else 2e-5
+    monkeypatch.setattr(embedding, "TIED_CHUNK_BYTES", 1)  # one vocabulary entry a slice
+    rep = measure_curvature(model, x, y, loss, sharpness="ggn", return_gram=True)
+    assert "emb.weight" not in rep.fallback_blocks and rep.rechecked_blocks == {}
+    assert _error(rep, Kref) < tol
+
+    original = embedding.tied_rows
+
+    def no_cross(emb, lin, v0, v1, dim):
+        one, two = original(emb, [], v0, v1, dim), original([], lin, v0, v1, dim)
+        return torch.cat([one, two], 3)  # |G_E|^2 + |G_L|^2 instead of |G_E + G_L|^2
+
+    monkeypatch.setattr(embedding, "tied_rows", no_cross)
+    rep = measure_curvature(model, x, y, loss, sharpness="ggn", return_gram=True)
+    assert set(rep.rechecked_blocks) == {"emb"} and rep.rechecked_blocks["emb"] > 0.01
+    assert _error(rep, Kref) < tol
+    blind = measure_curvature(model, x, y, loss, sharpness="ggn", return_gram=True, self_check=0)
+    assert _error(blind, Kref) > 0.01

@@ -338,3 +338,48 @@ def test_nll_on_sequence_log_probs_matches_cross_entropy(gen):
     b = truncated_curvature(ce, z, y, 0.1)
     torch.testing.assert_close(_dense(a), _dense(b))
     assert a.truncation == pytest.approx(b.truncation, rel=1e-12)
+
+
+@pytest.mark.parametrize("layout", ["mtv", "mvt"])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"label_smoothing": 0.2}, {"ignore_index": 1}, {"reduction": "sum"}, {"weight": "w"}],
+    ids=["plain", "smoothing", "ignore", "sum", "weights"],
+)
+@pytest.mark.parametrize("kind", ["ce", "nll"])
+def test_closed_form_sequence_gradients_equal_autograd(layout, kw, kind):
+    """The closed-form per-sequence gradients against autograd of the per-sequence losses."""
+    from torch_coherence.curvature.losses import sequence
+
+    if kind == "nll" and "label_smoothing" in kw:
+        pytest.skip("NLLLoss has no label smoothing")
+    gen = torch.Generator().manual_seed(3)
+    m, T, V = 3, 4, 5
+    z = torch.randn(m, T, V, generator=gen, dtype=torch.float64)
+    if kind == "nll":
+        z = z.log_softmax(-1)
+    y = torch.randint(0, V, (m, T), generator=gen)
+    y[:, 0] = 2  # every sequence keeps a token when ignore_index = 1
+    if kw.get("weight") == "w":
+        kw = {"weight": torch.rand(V, generator=gen, dtype=torch.float64) + 0.5}
+    loss = (nn.CrossEntropyLoss if kind == "ce" else nn.NLLLoss)(**kw)
+    out = z if layout == "mtv" else z.transpose(1, 2).contiguous()
+    leaf = out.clone().requires_grad_(True)
+    (ref,) = torch.autograd.grad(sequence.per_sample_losses(loss, leaf, y).sum(), leaf)
+    got = sequence.per_sample_gradients(loss, out, y)
+    torch.testing.assert_close(got, ref.reshape(m, -1), rtol=1e-12, atol=1e-14)
+
+
+def test_mc_sequence_columns_of_a_float32_model_are_its_float64_columns_rounded(gen):
+    """For a float32 model the sampled columns are built in float32 (the engine would round
+    them to it anyway): the same draws, equal to the float64 columns to float32 rounding."""
+    loss = nn.CrossEntropyLoss(ignore_index=-1)
+    z = _logits(gen)
+    y = _targets(loss, gen)
+    c64 = sampled_curvature(loss, z, y, 3, torch.Generator().manual_seed(2)).sqrt
+    c32 = sampled_curvature(loss, z.float(), y, 3, torch.Generator().manual_seed(2)).sqrt
+    assert c64.column(0).dtype == torch.float64 and c32.column(0).dtype == torch.float32
+    for r in range(3):
+        torch.testing.assert_close(c32.column(r).double(), c64.column(r), rtol=2e-6, atol=1e-7)
+    ext = c32.with_columns(torch.ones(M, T * V, 1, dtype=torch.float64))  # mixed dtypes
+    assert ext.block(slice(0, 2)).dtype == torch.float64 and ext.block(slice(0, 2)).shape[2] == 4

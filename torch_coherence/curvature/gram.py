@@ -22,8 +22,11 @@ fallback, named with the reason in ``notes.fallback``):
 
 * a covered weight enters the model only through its module's ``forward``: parameters
   registered in two modules are not covered, and a :class:`torch.overrides.TorchFunctionMode`
-  watches the recording pass for any read of a covered parameter outside its module (weight
-  tying ``F.linear(h, emb.weight)``);
+  watches the recording pass for any read of a covered parameter outside its module. The one
+  exception is a rule with ``tied = True`` (``nn.Embedding``): its weight may be registered in
+  other modules too, and each ``F.linear(x, weight)`` read outside it (weight tying, by an
+  ``nn.Linear`` sharing the weight or a direct call) is recorded as one more call of the
+  embedding, whose rule combines all its calls (``rule.combine``; :mod:`.layers.embedding`);
 * the recorded tensors are the ones the model used: the forward hook hands the model a copy of
   the layer output (so ``ReLU(inplace=True)`` after it modifies the copy) and the layer input's
   version counter is compared after the pass (an in-place change afterwards is detected);
@@ -316,7 +319,10 @@ def _split_params(
                 continue
             sel = {k: p for k, p in direct.items() if id(p) in ids}
             flags = ("weight" in sel, "bias" in sel)
-        if not sel or any(owners[id(p)] > 1 for p in sel.values()):
+        shared = any(owners[id(p)] > 1 for p in sel.values())
+        if not sel or any(id(p) in taken for p in sel.values()):
+            continue
+        if shared and not getattr(rule, "tied", False):  # tied: see layers.embedding
             continue
         covered[mod] = _Covered(
             rule, *flags, [ids[id(p)] for p in sel.values()], list(sel.values())
@@ -350,17 +356,33 @@ class _ReadWatch(TorchFunctionMode):
         self.stack: list[nn.Module] = []
         self.leaked: set[nn.Module] = set()
         self.shared: dict[int, tuple[torch.Tensor, _Call]] = {}
+        self.tied: set[nn.Module] = set()  # modules whose rule takes F.linear reads (tied)
+        self.record: Callable | None = None  # record(module, tag, x, out) -> out for the model
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        tied = self._tied_read(func, args)
         if getattr(func, "__name__", "") != "__get__":
             for t in tree_flatten((args, kwargs))[0]:
+                if tied is not None and t is args[1]:
+                    continue
                 mod = self.owners.get(id(t)) if isinstance(t, torch.Tensor) else None
                 if mod is not None and (not self.stack or self.stack[-1] is not mod):
                     self.leaked.add(mod)
         if self.shared and func in self.ADD and len(args) == 2:
             args = tuple(self._expand_shared(args))
+        if tied is not None:  # (x, W) of the call, recorded like a call of W's module
+            return self.record(tied, "linear", args[0], func(*args, **kwargs))
         return func(*args, **kwargs)
+
+    def _tied_read(self, func, args: tuple) -> nn.Module | None:
+        """The module of a ``tied`` rule whose weight this ``F.linear(x, W)`` reads outside it."""
+        if func is not torch._C._nn.linear or len(args) < 2 or self.record is None:
+            return None
+        mod = self.owners.get(id(args[1]))
+        if mod is None or mod not in self.tied or (self.stack and self.stack[-1] is mod):
+            return None
+        return mod if isinstance(args[0], torch.Tensor) else None
 
     def _expand_shared(self, args: tuple) -> list:
         out = list(args)
@@ -401,6 +423,7 @@ def _record(
     records: dict[nn.Module, list[_Call]] = {}
     owners = {id(p): mod for mod, cov in covered.items() for p in cov.tensors}
     watch = _ReadWatch(owners, m)
+    watch.tied = {mod for mod, cov in covered.items() if getattr(cov.rule, "tied", False)}
     declined: dict[nn.Module, str] = {}
     own = [mod for mod, cov in covered.items() if hasattr(cov.rule, "recording_forward")]
 
@@ -415,6 +438,8 @@ def _record(
 
         rec.decline = lambda why: declined.setdefault(mod, why)  # type: ignore[attr-defined]
         return rec
+
+    watch.record = lambda mod, tag, x, out: recorder(mod)(tag, x, out)
 
     def post(mod: nn.Module, args: tuple, out: Any) -> Any:
         watch.stack.pop()
@@ -613,6 +638,8 @@ def gram_factors(
             if any(p is None for p in per_call):
                 bad[mod] = "its input or output has no leading sample axis of the probe's size"
                 continue
+            if hasattr(cov.rule, "combine"):  # pieces of several calls that interact (tying)
+                per_call = cov.rule.combine(mod, per_call)
             part = GramFactors(m=m, R=R, notes=facs.notes)
             _add_pieces(part, labels[mod], per_call, m, R, force, accumulate)
             del per_call

@@ -21,13 +21,25 @@ the ``torch.func`` fallback. Per call, ``pieces(module, x, grad, w, b)`` turns t
 ghost pairs ``(a, d)`` (concatenated along t over several calls of the module) or materialised
 per-sample rows (summed over calls). It may still return ``None`` for an input it cannot treat
 (the engine itself declines calls whose input or output does not start with the probe's m
-samples), and that module then goes to the fallback as well.
+samples), and that module then goes to the fallback as well. Two optional members: a rule
+with ``combine(module, per_call)`` sees the pieces of all of a module's calls together (when
+they are not independent terms), and ``tied = True`` lets the module's weight be shared with
+other modules, every ``F.linear`` read of it being recorded as a call of this module
+(weight tying, :mod:`.embedding`).
 
 Registered rules: :mod:`.linear` (``nn.Linear``), :mod:`.conv` (``nn.Conv1d``/``nn.Conv2d``, any
 groups, padding and padding mode), :mod:`.embedding` (``nn.Embedding``), :mod:`.norm` (affine
-parameters of ``nn.LayerNorm``, ``nn.RMSNorm``, eval-mode ``nn.BatchNorm1d/2d``). Exact type
-match: subclasses (e.g. the ``out_proj`` of ``nn.MultiheadAttention``, whose weight is read
-outside its own ``forward``) go to the fallback.
+parameters of ``nn.LayerNorm``, ``nn.RMSNorm``, eval-mode ``nn.BatchNorm1d/2d``),
+:mod:`.attention` (``nn.MultiheadAttention``).
+
+Lookup (:func:`find_rule`) follows the method resolution order, so a subclass of a registered
+type (a user's ``class MyLinear(nn.Linear)``, the ``FSDPLinear`` that FSDP2's ``fully_shard``
+makes) gets its base's rule, but only when it computes what the base computes: a subclass
+whose ``forward`` is not the registered base's own goes to the fallback, since the rule's
+maths describes the base's ``forward`` only. Excluded outright
+(:data:`READ_BY_PARENT`): ``NonDynamicallyQuantizableLinear``, the ``out_proj`` of
+``nn.MultiheadAttention``, whose weight its parent reads functionally and never through its
+own ``forward``; the attention rule covers it.
 """
 
 from __future__ import annotations
@@ -38,7 +50,16 @@ from typing import Protocol
 import torch
 from torch import nn
 
-__all__ = ["LayerRule", "Piece", "REGISTRY", "find_rule", "register", "with_ones"]
+__all__ = [
+    "READ_BY_PARENT",
+    "LayerRule",
+    "Piece",
+    "REGISTRY",
+    "find_rule",
+    "register",
+    "registered_base",
+    "with_ones",
+]
 
 
 @dataclass
@@ -74,8 +95,11 @@ class LayerRule(Protocol):
         """Contributions of one call with input ``x`` and output gradients ``grad`` (R, m, ...)."""
 
 
-#: module type -> rule (exact type match).
+#: registered module type -> rule (looked up along the MRO by :func:`find_rule`).
 REGISTRY: dict[type, LayerRule] = {}
+
+#: Subclasses of registered types whose parameters their parent module reads functionally.
+READ_BY_PARENT: tuple[type, ...] = (nn.modules.linear.NonDynamicallyQuantizableLinear,)
 
 
 def register(rule: LayerRule) -> LayerRule:
@@ -85,12 +109,27 @@ def register(rule: LayerRule) -> LayerRule:
     return rule
 
 
+def registered_base(cls: type) -> type | None:
+    """The nearest class in ``cls``'s MRO with a registered rule, or None.
+
+    None as well when ``cls`` (or a class between it and that base) overrides ``forward``: the
+    rule describes the base's computation, not the subclass's.
+    """
+    if issubclass(cls, READ_BY_PARENT):
+        return None
+    for base in cls.__mro__:
+        if base in REGISTRY:
+            return base if cls.forward is base.forward else None
+    return None
+
+
 def find_rule(module: nn.Module) -> LayerRule | None:
     """The rule covering ``module`` as configured, or None (fallback)."""
-    rule = REGISTRY.get(type(module))
-    if rule is None or not rule.supports(module):
+    base = registered_base(type(module))
+    if base is None:
         return None
-    return rule
+    rule = REGISTRY[base]
+    return rule if rule.supports(module) else None
 
 
 def with_ones(a: torch.Tensor, with_weight: bool, with_bias: bool) -> torch.Tensor:

@@ -73,6 +73,11 @@ class SoftmaxCurvature(LossCurvature):
         scale = self._scale(targets, outputs.shape[0])
         return ls if scale is None else ls * scale.to(ls.dtype)
 
+    def gradients(self, outputs: torch.Tensor, targets: Any) -> torch.Tensor:
+        if _is_sequence(outputs):  # closed form: no float64 autograd pass over (m, T, V)
+            return sequence.per_sample_gradients(self.loss, outputs, targets)
+        return super().gradients(outputs, targets)
+
     def exact(self, outputs: torch.Tensor, targets: Any) -> OutputCurvature:
         if _is_sequence(outputs):
             fac, _ = sequence.truncated_factor(self.loss, outputs, targets, 0.0, None)

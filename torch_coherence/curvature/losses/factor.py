@@ -53,7 +53,8 @@ class LazyFactor:
         raise NotImplementedError
 
     def column(self, r: int, rows: slice = slice(None)) -> torch.Tensor:
-        """Column r for the samples ``rows``, (n, C) float64."""
+        """Column r for the samples ``rows``, (n, C): float64, or the model's float32 where a
+        factor is built in it (:class:`SampledSequenceFactor`)."""
         if r < self._r0:
             return self._column(r, rows)
         assert self.extra is not None
@@ -61,7 +62,9 @@ class LazyFactor:
 
     def block(self, rows: slice) -> torch.Tensor:
         """Dense (n, C, R) for the samples ``rows`` (the fallback's chunks)."""
-        return torch.stack([self.column(r, rows) for r in range(self.shape[2])], 2)
+        cols = [self.column(r, rows) for r in range(self.shape[2])]
+        dtype = cols[0].dtype if all(c.dtype == cols[0].dtype for c in cols) else torch.float64
+        return torch.stack([c.to(dtype) for c in cols], 2)
 
     def dense(self) -> torch.Tensor:
         return self.block(slice(None))
@@ -161,6 +164,10 @@ class SampledSequenceFactor(_TokenLayout):
     draw s: :math:`E[b_s b_s^\top] = \frac1S \mathrm{blockdiag}_t(\omega_t\Lambda_t)`, so the S
     columns are unbiased for :math:`\Lambda_i` with S backward passes per batch instead of
     one per token.
+
+    Built in ``dtype`` (the model's float32 for a float32 model, else float64): the engine
+    casts every column to the model's dtype before using it as a cotangent, so a float64
+    column would only be rounded there, after two more passes over its T V entries a sample.
     """
 
     def __init__(
@@ -170,15 +177,17 @@ class SampledSequenceFactor(_TokenLayout):
         labels: torch.Tensor,
         out_shape: tuple[int, ...],
         last: bool,
+        dtype: torch.dtype = torch.float64,
     ) -> None:
         _m, T, V = p.shape
         super().__init__(out_shape, T, V, last, labels.shape[2])
-        self.p, self.omega, self.labels = p, omega, labels
+        self.p, self.omega, self.labels = p.to(dtype), omega, labels
+        self.scale = (omega.sqrt() / self._r0**0.5).unsqueeze(2).to(dtype)  # (m, T, 1)
 
     def _column(self, r: int, rows: slice) -> torch.Tensor:
-        p = self.p[rows]
-        onehot = torch.zeros_like(p).scatter_(2, self.labels[rows, :, r : r + 1], 1.0)
-        val = (p - onehot) * (self.omega[rows].sqrt() / self._r0**0.5).unsqueeze(2)
+        s = self.scale[rows]
+        val = self.p[rows] * s  # one pass over (n, T, V); the label entries then get -s
+        val.scatter_add_(2, self.labels[rows, :, r : r + 1], -s)
         return self._to_layout(val)
 
     def _compact(self) -> list[torch.Tensor]:

@@ -167,6 +167,37 @@ def per_sample_losses(
     return (el * omega).sum(1)
 
 
+def per_sample_gradients(
+    loss: nn.Module, outputs: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    r""":math:`\partial l_i / \partial z_i` (m, C) float64 in the outputs' layout, in closed form.
+
+    Per token, with label smoothing :math:`\varepsilon`, :math:`\ell = -(1-\varepsilon)\log p_y
+    - \frac{\varepsilon}{V}\sum_c \log p_c` has gradient :math:`p - (1-\varepsilon)e_y -
+    \varepsilon/V` in the logits (CE); NLL on log-probabilities has :math:`-e_y`. Times
+    :math:`\omega_{it}` (0 on ignored tokens). Class weights with label smoothing are refused
+    before this is reached.
+    """
+    z, y = tokens(outputs, targets)
+    check_targets(loss, z, y)
+    omega = token_weights(loss, y).unsqueeze(2)
+    valid = (y != loss.ignore_index).unsqueeze(2)
+    yc = y.clamp_min(0).unsqueeze(2)
+    if isinstance(loss, nn.CrossEntropyLoss):
+        eps = float(loss.label_smoothing)
+        g = probabilities(loss, z)
+        if eps:
+            g.sub_(eps / z.shape[-1])
+        g.scatter_add_(2, yc, torch.full(yc.shape, eps - 1.0, dtype=g.dtype, device=g.device))
+    else:
+        g = torch.zeros(z.shape, dtype=torch.float64, device=z.device)
+        g.scatter_(2, yc, -1.0)
+    g.mul_(omega * valid)
+    if not class_last(outputs, targets):
+        g = g.transpose(1, 2)  # back to torch's (m, V, positions)
+    return g.reshape(outputs.shape[0], -1)
+
+
 def _columns(k: torch.Tensor, has_rest: torch.Tensor, kmax: int) -> tuple[torch.Tensor, ...]:
     """Column table (tok, cls) (m, R) from per-token class counts; pads with tok = -1."""
     m, _T = k.shape
@@ -248,6 +279,7 @@ def sampled_factor(
     flat = p.reshape(-1, V).cpu()
     labels = torch.multinomial(flat, samples, replacement=True, generator=generator)
     labels = labels.to(p.device).view(m, T, samples)
+    dtype = torch.float32 if outputs.dtype == torch.float32 else torch.float64
     return SampledSequenceFactor(
-        p, omega, labels, tuple(outputs.shape), class_last(outputs, targets)
+        p, omega, labels, tuple(outputs.shape), class_last(outputs, targets), dtype
     )
