@@ -161,6 +161,16 @@ def test_blowup_lr_brackets_the_gd_threshold() -> None:
     assert not res.predicted
     assert res.peak_loss[0] == pytest.approx(res.loss_start)  # GD at 0.5 lr_gd: loss falls
     assert res.peak_loss[1] > 10 * res.loss_start and res.peak_loss[2] > 10 * res.loss_start
+    # the trace: the multiples in order, then 8 refine runs inside the bracket (1, 3)
+    assert res.tested[:3] == ((1.0, False), (3.0, True), (6.0, True)) and len(res.tested) == 11
+    assert all(1.0 < c < 3.0 for c, _ in res.tested[3:])
+    assert res.blowup_lr == pytest.approx(min(c for c, b in res.tested if b) * res.lr)
+    # a smaller refine gives the smallest blown-up multiple of the trace's first 3 + r runs
+    for r in (0, 2, 5):
+        short = lookahead(model, opt, nn.MSELoss(), batches, multiples=(1.0, 3.0, 6.0), refine=r)
+        assert short.tested == res.tested[: 3 + r]
+        replay = min(c for c, b in res.tested[: 3 + r] if b) * res.lr
+        assert short.blowup_lr == pytest.approx(replay, rel=1e-12)
     res2 = lookahead(
         model,
         torch.optim.SGD(model.parameters(), lr=1.2 * lr_gd),

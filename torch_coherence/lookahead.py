@@ -93,6 +93,10 @@ class LookaheadResult:
         peak_loss: per multiple, the largest loss seen (step losses and ``loss_end``; inf
             when one was not finite): ``peak_loss / loss_start`` above any factor up to
             ``blowup_factor`` tells whether a smaller factor would have called it a blow-up.
+        tested: every short run in the order it ran, as ``(multiple, blew_up)``: the
+            ``multiples`` first, then the ``refine`` runs. ``blowup_lr / lr`` is the smallest
+            blown-up multiple among them, so a smaller ``refine`` r would have given the
+            smallest blown-up multiple among the first ``len(multiples) + r``.
     """
 
     lr: float
@@ -105,6 +109,7 @@ class LookaheadResult:
     seconds: float
     blowup_step: tuple[int | None, ...] = ()
     peak_loss: tuple[float, ...] = ()
+    tested: tuple[tuple[float, bool], ...] = ()
 
     @property
     def predicted(self) -> bool:
@@ -380,8 +385,12 @@ def lookahead(
             raise ValueError(f"lookahead: the loss at the current weights is {loss_start}")
         limit = factor * loss_start
 
+        tested: list[tuple[float, bool]] = []
+
         def run(c: float) -> tuple[float, int | None, float]:
-            return _short_run(model, optimizer, loss, batches, c, limit, forward_fn)
+            out = _short_run(model, optimizer, loss, batches, c, limit, forward_fn)
+            tested.append((c, out[1] is not None))
+            return out
 
         outcomes = [run(c) for c in mults]
         blown = [step is not None for _, step, _ in outcomes]
@@ -413,4 +422,5 @@ def lookahead(
         seconds=time.perf_counter() - t0,
         blowup_step=tuple(s for _, s, _ in outcomes),
         peak_loss=tuple(p for _, _, p in outcomes),
+        tested=tuple(tested),
     )
