@@ -316,7 +316,7 @@ def lookahead_only(s: Setup, b: int, lr_star: float, seeds: list[int], ks, ctx) 
             for k, gseed in draws:
                 model, opt = s.fresh(lr)
                 batches = draw_batches((s.x, s.y), b, k, torch.Generator().manual_seed(gseed))
-                res = lookahead(model, opt, s.loss, batches, multiples=(1.0,))
+                res = lookahead(model, opt, s.loss, batches, multiples=(1.0,), refine=0)
                 tag = f"{k}'" if gseed >= 30_000 else f"{k}"
                 ratio[tag], cost[tag] = res.peak_loss[0] / res.loss_start, res.seconds
             for f in FACTORS:
@@ -389,7 +389,12 @@ def evaluate(s: Setup, b: int, lr_star: float, seeds: list[int], ks, ctx, args) 
                 model, opt = s.fresh(lr)
                 gen = torch.Generator().manual_seed(30_000 + 97 * seed)
                 res = lookahead(
-                    model, opt, s.loss, draw_batches((s.x, s.y), b, 10, gen), multiples=(1.0,)
+                    model,
+                    opt,
+                    s.loss,
+                    draw_batches((s.x, s.y), b, 10, gen),
+                    multiples=(1.0,),
+                    refine=0,
                 )
                 name = "LA 10 or LA 10', 1x"
                 warn[name] = warn["LA 10, 1x"] or res.predicted
@@ -397,7 +402,7 @@ def evaluate(s: Setup, b: int, lr_star: float, seeds: list[int], ks, ctx, args) 
             if args.real_batches:
                 model, opt = s.fresh(lr)
                 real = draw_batches((s.x, s.y), b, 10, torch.Generator().manual_seed(10_000 + seed))
-                res = lookahead(model, opt, s.loss, real, multiples=(1.0,))
+                res = lookahead(model, opt, s.loss, real, multiples=(1.0,), refine=0)
                 warn["LA 10, 1x (real batches)"] = res.predicted
                 cost["LA 10, 1x (real batches)"] = res.seconds
             step, secs, nsteps = real_run(s, lr, b, seed)
@@ -441,10 +446,18 @@ class DrawRun:
     cost: dict[str, float]  # "k/j" -> seconds of that short run
     bracket: list  # draw 0, k = 10: [(multiple, blew_up), ...] in the order run
     step_s: float = math.nan
+    # --trajectories: "k/j" -> (loss_start, loss_end, step losses) of the short run at 1x,
+    # run with blowup_factor=inf so that it never stops early (a non-finite loss still stops it)
+    traj: dict = field(default_factory=dict)
 
 
 def lookahead_draws(
-    s: Setup, b: int, lr_star: float, seeds: list[int], factors=LR_FACTORS
+    s: Setup,
+    b: int,
+    lr_star: float,
+    seeds: list[int],
+    factors=LR_FACTORS,
+    trajectories: bool = False,
 ) -> list[DrawRun]:
     """Per run: independent draws of k-step short runs at the current lr (``DRAWS``), the
     probe's bracket on draw 0 (k = 10, multiples (1, 2, 4), ``refine=BRACKET_REFINE``), and
@@ -454,12 +467,12 @@ def lookahead_draws(
     for factor in factors:
         lr = factor * lr_star
         for seed in seeds:
-            ratio, cost, bracket = {}, {}, []
+            ratio, cost, bracket, traj = {}, {}, [], {}
             for k, count in DRAWS.items():
                 for j in range(count):
                     model, opt = s.fresh(lr)
                     batches = draw_batches(data, b, k, probe_generator(seed, j))
-                    first = k == 10 and j == 0
+                    first = k == 10 and j == 0 and not trajectories
                     res = lookahead(
                         model,
                         opt,
@@ -467,7 +480,10 @@ def lookahead_draws(
                         batches,
                         multiples=LA_MULTIPLES if first else (1.0,),
                         refine=BRACKET_REFINE if first else 0,
+                        blowup_factor=math.inf if trajectories else BLOWUP,
                     )
+                    if trajectories:
+                        traj[f"{k}/{j}"] = (res.loss_start, res.loss_end[0], res.step_losses[0])
                     ratio[f"{k}/{j}"] = res.peak_loss[0] / res.loss_start
                     # one short run's share of the lookahead's time
                     cost[f"{k}/{j}"] = res.seconds / max(len(res.tested), 1)
@@ -475,7 +491,9 @@ def lookahead_draws(
                         bracket = [list(t) for t in res.tested]
             step, secs, nsteps = real_run(s, lr, b, seed)
             runs.append(
-                DrawRun(s.name, b, factor, seed, lr, step, ratio, cost, bracket, secs / nsteps)
+                DrawRun(
+                    s.name, b, factor, seed, lr, step, ratio, cost, bracket, secs / nsteps, traj
+                )
             )
     return runs
 
@@ -827,7 +845,7 @@ def run_new_modes(args, seeds: list[int], t_start: float) -> None:
         for b in batch_sizes:
             lr_star = stars[(s.name, b)] = cached_lr_star(s, b, args.lr_star, 4)
             if args.draws:
-                draws += lookahead_draws(s, b, lr_star, seeds, factors)
+                draws += lookahead_draws(s, b, lr_star, seeds, factors, args.trajectories)
             else:
                 e2e_runs += e2e(s, b, lr_star, seeds, opts, factors)
             print(
@@ -845,9 +863,9 @@ def run_new_modes(args, seeds: list[int], t_start: float) -> None:
                         },
                         fh,
                     )
-    if args.draws:
+    if args.draws and not args.trajectories:
         score_draws(draws, seeds)
-    else:
+    elif args.e2e:
         print(
             f"\nprobe options: CoherenceMonitor defaults{' + ' + str(opts) if opts else ''}; "
             f"lookahead DEFAULT_STEPS = {DEFAULT_STEPS}"
@@ -889,6 +907,11 @@ def main() -> None:
         "--e2e-fast",
         action="store_true",
         help="with --e2e: lyapunov=False, criterion='theorem1' (otherwise the defaults)",
+    )
+    p.add_argument(
+        "--trajectories",
+        action="store_true",
+        help="with --draws: full step losses of every draw (blowup_factor=inf), no bracket",
     )
     p.add_argument("--lr-star", help="JSON cache of lr* per setup/B (read, and added to)")
     p.add_argument("--score", help="score the draws saved by --draws --json in this file")
