@@ -561,6 +561,62 @@ def score_draws(runs: list[DrawRun], seeds: list[int]) -> None:
             print(f"| {n} | {b} | " + " | ".join(cells) + f" | {extra:g} |")
 
 
+WINDOW_EXAMPLES = 32  # the real runs' blow-up window: ceil(32 / B) mini-batch losses
+
+
+def _traj_blew(traj, b: int, how: str, factor: float = BLOWUP) -> bool:
+    """Whether a short run (``--trajectories``: loss_start, loss_end, step losses) blew up:
+    ``raw`` any step loss or loss_end above ``factor`` x loss_start; ``window`` the mean of
+    the last ceil(32 / B) step losses (the real runs' own rule) or loss_end above it;
+    ``end`` only loss_end. A non-finite loss is a blow-up for all three."""
+    start, end, losses = traj
+    limit = factor * start
+    if not all(math.isfinite(v) for v in [*losses, end]):
+        return True
+    if end > limit:
+        return True
+    if how == "raw":
+        return max(losses) > limit
+    if how == "window":
+        w = math.ceil(WINDOW_EXAMPLES / b)
+        return any(
+            sum(losses[max(0, t - w + 1) : t + 1]) / len(losses[max(0, t - w + 1) : t + 1]) > limit
+            for t in range(len(losses))
+        )
+    return False
+
+
+def score_traj(runs: list[DrawRun], seeds: list[int]) -> None:
+    """Rules of ``RULES`` under the three short-run blow-up tests of ``_traj_blew``."""
+    runs = [r for r in runs if r.seed in seeds and r.traj]
+    setups = list(dict.fromkeys(r.setup for r in runs))
+    print(f"\n## Short-run blow-up tests x rules, factor 10 ({_seed_label(seeds)})\n")
+    head = " | ".join(f"{n} recall | {n} false alarms" for n in setups)
+    print(f"| test | rule | {head} | cnn B=8 | cnn B=32 | cnn B=128 |")
+    print("| --- | --- |" + " --- | --- |" * len(setups) + " --- | --- | --- |")
+    for how in ("raw", "window", "end"):
+        for name, ks in RULES:
+
+            def warns(r, ks=ks, how=how):
+                return any(_traj_blew(r.traj[f"{k}/{j}"], r.b, how) for j, k in enumerate(ks))
+
+            cells = []
+            for n in setups:
+                rs = [r for r in runs if r.setup == n]
+                blown = [r for r in rs if r.blowup_step is not None]
+                calm = [r for r in rs if r.blowup_step is None]
+                cells += [
+                    _pct(sum(map(warns, blown)), len(blown)),
+                    _pct(sum(map(warns, calm)), len(calm)),
+                ]
+            for b in BATCH_SIZES:
+                rs = [r for r in runs if (r.setup, r.b) == ("cnn", b)]
+                bl = [r for r in rs if r.blowup_step is not None]
+                ok = [r for r in rs if r.blowup_step is None]
+                cells.append(f"{sum(map(warns, bl))}/{len(bl)}, {sum(map(warns, ok))}/{len(ok)}")
+            print(f"| {how} | {name} | " + " | ".join(cells) + " |")
+
+
 # --------------------------------------------------------------------------- end to end
 
 E2E_IDENTITY_FACTORS = (0.5, 1.25)  # runs repeated without the probe (bit-identity check)
@@ -832,7 +888,10 @@ def run_new_modes(args, seeds: list[int], t_start: float) -> None:
     if args.score:
         with open(args.score) as fh:
             runs = [DrawRun(**r) for r in json.load(fh)["draws"]]
-        score_draws(runs, _parse_seeds(args.score_seeds))
+        if any(r.traj for r in runs):
+            score_traj(runs, _parse_seeds(args.score_seeds))
+        else:
+            score_draws(runs, _parse_seeds(args.score_seeds))
         return
     setups = build_setups(args.setups.split(","))
     opts = {}
