@@ -761,13 +761,18 @@ def e2e(
     return runs
 
 
+def _linear(runs: list[E2ERun]) -> int:
+    return sum("LinearInstabilityWarning" in r.other_warnings for r in runs)
+
+
 def e2e_tables(runs: list[E2ERun], lr_star: dict[tuple[str, int], float]) -> None:
     print("\n## End to end through CoherenceMonitor / CoherenceProbe (BlowupWarning)\n")
     print(
         "| setup | recall | false alarms | lead, median [min] | hits by the pre-flight probe | "
-        "pre-flight probe (steps, median) | all probes (steps, median) | bit-identical |"
+        "pre-flight probe (steps, median) | all probes (steps, median) | bit-identical | "
+        "LinearInstabilityWarning: blown-up / calm runs |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for n in dict.fromkeys(r.setup for r in runs):
         rs = [r for r in runs if r.setup == n]
         blown = [r for r in rs if r.blowup_step is not None]
@@ -782,7 +787,8 @@ def e2e_tables(runs: list[E2ERun], lr_star: dict[tuple[str, int], float]) -> Non
             f"| {n} | {_pct(len(hit), len(blown))} | {_pct(fa, len(calm))} | {lead} | "
             f"{pre}/{len(hit)} | {statistics.median(r.preflight_s / r.step_s for r in rs):.0f} | "
             f"{statistics.median(r.probe_s / r.step_s for r in rs):.0f} | "
-            f"{sum(ident)}/{len(ident)} |"
+            f"{sum(ident)}/{len(ident)} | {_linear(blown)}/{len(blown)}, "
+            f"{_linear(calm)}/{len(calm)} |"
         )
     print("\n## stability/blowup_lr of the pre-flight probe / lr*\n")
     print("| setup | B | within 1.5x | within 2x | median [range] | inf |")
@@ -886,12 +892,22 @@ def _parse_seeds(text: str) -> list[int]:
 def run_new_modes(args, seeds: list[int], t_start: float) -> None:
     """``--draws``, ``--e2e`` and ``--score``: see the module docstring."""
     if args.score:
-        with open(args.score) as fh:
-            runs = [DrawRun(**r) for r in json.load(fh)["draws"]]
-        if any(r.traj for r in runs):
-            score_traj(runs, _parse_seeds(args.score_seeds))
+        runs, e2e_runs, stars = [], [], {}
+        for path in args.score.split(","):
+            with open(path) as fh:
+                saved = json.load(fh)
+            runs += [DrawRun(**r) for r in saved["draws"]]
+            e2e_runs += [E2ERun(**r) for r in saved.get("e2e", [])]
+            for key, value in saved.get("lr_star", {}).items():
+                name, b = key.split("/")
+                stars[(name, int(b))] = value
+        seeds = _parse_seeds(args.score_seeds)
+        if e2e_runs:
+            e2e_tables([r for r in e2e_runs if r.seed in seeds], stars)
+        elif any(r.traj for r in runs):
+            score_traj(runs, seeds)
         else:
-            score_draws(runs, _parse_seeds(args.score_seeds))
+            score_draws(runs, seeds)
         return
     setups = build_setups(args.setups.split(","))
     opts = {}
@@ -973,7 +989,9 @@ def main() -> None:
         help="with --draws: full step losses of every draw (blowup_factor=inf), no bracket",
     )
     p.add_argument("--lr-star", help="JSON cache of lr* per setup/B (read, and added to)")
-    p.add_argument("--score", help="score the draws saved by --draws --json in this file")
+    p.add_argument(
+        "--score", help="score the draws saved by --draws --json in these files (comma-separated)"
+    )
     p.add_argument("--score-seeds", default="0-9", help="with --score: seeds a-b")
     p.add_argument("--batch-sizes", default="8,32,128", help="with --draws / --e2e")
     p.add_argument(
