@@ -41,11 +41,24 @@ Then how close the lookahead's ``blowup_lr`` (k = 20, ``refine=4``) came to ``lr
 Modes: ``--lookahead-only`` scores only lookaheads at the current lr, at blow-up thresholds
 3, 5 and 10x (from ``LookaheadResult.peak_loss``) and with two independent draws;
 ``--only-blowup-lr`` measures only the lookahead's ``blowup_lr`` against ``lr*``;
-``--seed-offset 5`` gives a held-out grid. The measured tables are in ``docs/warnings.md``.
+``--seed-offset 5`` gives a held-out grid. ``--draws`` records, per grid run, four
+independent k = 10 and two k = 20 short runs at the current lr on the batches the probe's own
+generator gives (``probe_generator``), the probe's bracket (k = 10, multiples 1, 2, 4,
+``refine=4``, every refine r <= 4 replayed from ``LookaheadResult.tested``) and the real
+run; ``--score FILES --score-seeds a-b`` scores the rules of ``RULES`` and the bracket on
+those seeds only (choose on some seeds, validate on others); ``--trajectories`` keeps every
+short run's step losses to score smoother blow-up tests. ``--e2e`` trains every grid run
+through ``CoherenceMonitor`` with its defaults (``start`` before the first step, ``step``
+with the loss after each one), counts ``BlowupWarning`` before the blow-up, scores the
+logged ``stability/blowup_lr`` and repeats the runs at 0.5x and 1.25x ``lr*`` without the
+monitor to check bit-identity. ``--lr-star FILE`` caches ``lr*``. The measured tables are in
+``docs/warnings.md``.
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/bench_warnings.py [--quick] [--seeds 5]
-          [--seed-offset 0] [--setups mlp,cnn,mse] [--lookahead-only | --only-blowup-lr]
-          [--json runs.json]
+          [--seed-offset 0] [--setups mlp,cnn,mse] [--batch-sizes 8,32,128]
+          [--lookahead-only | --only-blowup-lr | --draws [--trajectories] | --e2e]
+          [--lr-star lr_star.json] [--json runs.json]
+      python benchmarks/bench_warnings.py --score runs.json[,more.json] --score-seeds 0-9
 """
 
 from __future__ import annotations
