@@ -971,36 +971,18 @@ def main() -> None:
     p.add_argument("--linear-seeds", type=int, default=1, help="seeds with rho(T) and gamma")
     p.add_argument("--linear-setups", default="mse", help="setups with rho(T) and gamma")
     p.add_argument("--no-gamma", action="store_true")
-    p.add_argument(
-        "--only-blowup-lr",
-        action="store_true",
-        help="only the k = 20 lookahead's blowup_lr against lr* (no criteria)",
-    )
-    p.add_argument(
-        "--lookahead-only",
-        action="store_true",
-        help="only lookaheads at the current lr, scored at thresholds 3, 5, 10x",
-    )
+    flags = {
+        "--only-blowup-lr": "only the k = 20 lookahead's blowup_lr against lr* (no criteria)",
+        "--lookahead-only": "only lookaheads at the current lr, scored at thresholds 3, 5, 10x",
+        "--draws": "only independent lookahead draws at the current lr and the probe's bracket",
+        "--trajectories": "with --draws: every draw's step losses (blowup_factor=inf), no bracket",
+        "--e2e": "train through CoherenceMonitor, count BlowupWarnings",
+        "--e2e-fast": "with --e2e: lyapunov=False, criterion='theorem1' (else the defaults)",
+    }
+    for flag, text in flags.items():
+        p.add_argument(flag, action="store_true", help=text)
     p.add_argument("--json", help="also write every run (criteria, blow-up step, costs) here")
     p.add_argument("--no-real-batches", dest="real_batches", action="store_false")
-    p.add_argument(
-        "--draws",
-        action="store_true",
-        help="only independent lookahead draws at the current lr and the probe's bracket",
-    )
-    p.add_argument(
-        "--e2e", action="store_true", help="train through CoherenceMonitor, count BlowupWarnings"
-    )
-    p.add_argument(
-        "--e2e-fast",
-        action="store_true",
-        help="with --e2e: lyapunov=False, criterion='theorem1' (otherwise the defaults)",
-    )
-    p.add_argument(
-        "--trajectories",
-        action="store_true",
-        help="with --draws: full step losses of every draw (blowup_factor=inf), no bracket",
-    )
     p.add_argument("--lr-star", help="JSON cache of lr* per setup/B (read, and added to)")
     p.add_argument(
         "--score", help="score the draws saved by --draws --json in these files (comma-separated)"
