@@ -518,6 +518,13 @@ def _bracket_lr(run: DrawRun, refine: int) -> float:
     return min(blown) * run.lr if blown else math.inf
 
 
+def _logged_before(run: DrawRun) -> float:
+    """``stability/blowup_lr`` as ``CoherenceProbe`` logged it with ``refine=0``: draw 0's
+    (1, 2, 4) bracket, or the current lr when draw 1 blew up at it (the minimum of both)."""
+    value = _bracket_lr(run, 0)
+    return min(value, run.lr) if run.ratio["10/1"] > BLOWUP else value
+
+
 def _rule_warns(run: DrawRun, ks: tuple[int, ...], factor: float = BLOWUP) -> bool:
     return any(run.ratio[f"{k}/{j}"] > factor for j, k in enumerate(ks))
 
@@ -555,9 +562,10 @@ def score_draws(runs: list[DrawRun], seeds: list[int]) -> None:
     print(
         "| setup | B | "
         + " | ".join(f"refine={r}: within 1.5x / 2x | refine={r}: median" for r in refines)
+        + " | logged with refine=0 (min with draw 1): within 1.5x / 2x"
         + " | extra runs (median, refine=4) |"
     )
-    print("| --- | --- |" + " --- | --- |" * len(refines) + " --- |")
+    print("| --- | --- |" + " --- | --- |" * len(refines) + " --- | --- |")
     lr_star = {(r.setup, r.b): r.lr / r.factor for r in runs}
     for n in setups:
         for b in BATCH_SIZES:
@@ -570,6 +578,9 @@ def score_draws(runs: list[DrawRun], seeds: list[int]) -> None:
                 c15 = sum(1 / 1.5 <= x <= 1.5 for x in rat)
                 c2 = sum(0.5 <= x <= 2 for x in rat)
                 cells += [f"{c15}/{len(rat)} / {c2}/{len(rat)}", f"{statistics.median(rat):.2f}"]
+            rat = [_logged_before(r) / lr_star[(n, b)] for r in rs]
+            c15, c2 = sum(1 / 1.5 <= x <= 1.5 for x in rat), sum(0.5 <= x <= 2 for x in rat)
+            cells.append(f"{c15}/{len(rat)} / {c2}/{len(rat)}")
             extra = statistics.median(len(r.bracket) - len(LA_MULTIPLES) for r in rs)
             print(f"| {n} | {b} | " + " | ".join(cells) + f" | {extra:g} |")
 
