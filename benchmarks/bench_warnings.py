@@ -41,11 +41,24 @@ Then how close the lookahead's ``blowup_lr`` (k = 20, ``refine=4``) came to ``lr
 Modes: ``--lookahead-only`` scores only lookaheads at the current lr, at blow-up thresholds
 3, 5 and 10x (from ``LookaheadResult.peak_loss``) and with two independent draws;
 ``--only-blowup-lr`` measures only the lookahead's ``blowup_lr`` against ``lr*``;
-``--seed-offset 5`` gives a held-out grid. The measured tables are in ``docs/warnings.md``.
+``--seed-offset 5`` gives a held-out grid. ``--draws`` records, per grid run, four
+independent k = 10 and two k = 20 short runs at the current lr on the batches the probe's own
+generator gives (``probe_generator``), the probe's bracket (k = 10, multiples 1, 2, 4,
+``refine=4``, every refine r <= 4 replayed from ``LookaheadResult.tested``) and the real
+run; ``--score FILES --score-seeds a-b`` scores the rules of ``RULES`` and the bracket on
+those seeds only (choose on some seeds, validate on others); ``--trajectories`` keeps every
+short run's step losses to score smoother blow-up tests. ``--e2e`` trains every grid run
+through ``CoherenceMonitor`` with its defaults (``start`` before the first step, ``step``
+with the loss after each one), counts ``BlowupWarning`` before the blow-up, scores the
+logged ``stability/blowup_lr`` and repeats the runs at 0.5x and 1.25x ``lr*`` without the
+monitor to check bit-identity. ``--lr-star FILE`` caches ``lr*``. The measured tables are in
+``docs/warnings.md``.
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/bench_warnings.py [--quick] [--seeds 5]
-          [--seed-offset 0] [--setups mlp,cnn,mse] [--lookahead-only | --only-blowup-lr]
-          [--json runs.json]
+          [--seed-offset 0] [--setups mlp,cnn,mse] [--batch-sizes 8,32,128]
+          [--lookahead-only | --only-blowup-lr | --draws [--trajectories] | --e2e]
+          [--lr-star lr_star.json] [--json runs.json]
+      python benchmarks/bench_warnings.py --score runs.json[,more.json] --score-seeds 0-9
 """
 
 from __future__ import annotations
@@ -57,6 +70,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -66,7 +80,7 @@ from torch import nn
 
 import torch_coherence as tc
 from torch_coherence.curvature.sharpness import hessian_sharpness
-from torch_coherence.lookahead import draw_batches, lookahead
+from torch_coherence.lookahead import DEFAULT_STEPS, draw_batches, lookahead
 
 LR_FACTORS = (0.25, 0.5, 0.8, 1.25, 2.0, 4.0)
 BATCH_SIZES = (8, 32, 128)
@@ -315,7 +329,7 @@ def lookahead_only(s: Setup, b: int, lr_star: float, seeds: list[int], ks, ctx) 
             for k, gseed in draws:
                 model, opt = s.fresh(lr)
                 batches = draw_batches((s.x, s.y), b, k, torch.Generator().manual_seed(gseed))
-                res = lookahead(model, opt, s.loss, batches, multiples=(1.0,))
+                res = lookahead(model, opt, s.loss, batches, multiples=(1.0,), refine=0)
                 tag = f"{k}'" if gseed >= 30_000 else f"{k}"
                 ratio[tag], cost[tag] = res.peak_loss[0] / res.loss_start, res.seconds
             for f in FACTORS:
@@ -388,7 +402,12 @@ def evaluate(s: Setup, b: int, lr_star: float, seeds: list[int], ks, ctx, args) 
                 model, opt = s.fresh(lr)
                 gen = torch.Generator().manual_seed(30_000 + 97 * seed)
                 res = lookahead(
-                    model, opt, s.loss, draw_batches((s.x, s.y), b, 10, gen), multiples=(1.0,)
+                    model,
+                    opt,
+                    s.loss,
+                    draw_batches((s.x, s.y), b, 10, gen),
+                    multiples=(1.0,),
+                    refine=0,
                 )
                 name = "LA 10 or LA 10', 1x"
                 warn[name] = warn["LA 10, 1x"] or res.predicted
@@ -396,13 +415,423 @@ def evaluate(s: Setup, b: int, lr_star: float, seeds: list[int], ks, ctx, args) 
             if args.real_batches:
                 model, opt = s.fresh(lr)
                 real = draw_batches((s.x, s.y), b, 10, torch.Generator().manual_seed(10_000 + seed))
-                res = lookahead(model, opt, s.loss, real, multiples=(1.0,))
+                res = lookahead(model, opt, s.loss, real, multiples=(1.0,), refine=0)
                 warn["LA 10, 1x (real batches)"] = res.predicted
                 cost["LA 10, 1x (real batches)"] = res.seconds
             step, secs, nsteps = real_run(s, lr, b, seed)
             ctx["step_times"].append(secs / max(nsteps, 1))
             runs.append(Run(s.name, b, factor, seed, step, warn, cost, blowup_lr))
     return runs
+
+
+# --------------------------------------------------------------------------- draws mode
+
+DRAWS = {10: 4, 20: 2}  # short runs of k steps at the current lr: independent draws per k
+BRACKET_REFINE = 4  # refine runs of the draw-0 bracket (1, 2, 4) x lr; fewer are replayed
+RULES = (  # (name, k of each draw in order): draw j of every k uses the same generator
+    ("1 x 10", (10,)),
+    ("2 x 10", (10, 10)),
+    ("3 x 10", (10, 10, 10)),
+    ("4 x 10", (10, 10, 10, 10)),
+    ("1 x 20", (20,)),
+    ("2 x 20", (20, 20)),
+    ("20 + 10", (20, 10)),
+    ("20 + 10 + 10", (20, 10, 10)),
+)
+
+
+def probe_generator(seed: int, draw: int, step: int = 0) -> torch.Generator:
+    """The generator ``CoherenceProbe`` draws lookahead batches with (probe seed ``seed``,
+    optimizer step ``step``, draw index ``draw``), so that the draws scored here are the
+    batches the probe's pre-flight lookahead sees in ``--e2e``."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 101 + draw)
+
+
+@dataclass
+class DrawRun:
+    setup: str
+    b: int
+    factor: float
+    seed: int
+    lr: float
+    blowup_step: int | None
+    ratio: dict[str, float]  # "k/j" -> peak loss / starting loss of draw j's k-step run at 1x
+    cost: dict[str, float]  # "k/j" -> seconds of that short run
+    bracket: list  # draw 0, k = 10: [(multiple, blew_up), ...] in the order run
+    step_s: float = math.nan
+    # --trajectories: "k/j" -> (loss_start, loss_end, step losses) of the short run at 1x,
+    # run with blowup_factor=inf so that it never stops early (a non-finite loss still stops it)
+    traj: dict = field(default_factory=dict)
+
+
+def lookahead_draws(
+    s: Setup,
+    b: int,
+    lr_star: float,
+    seeds: list[int],
+    factors=LR_FACTORS,
+    trajectories: bool = False,
+) -> list[DrawRun]:
+    """Per run: independent draws of k-step short runs at the current lr (``DRAWS``), the
+    probe's bracket on draw 0 (k = 10, multiples (1, 2, 4), ``refine=BRACKET_REFINE``), and
+    the real run; rules and brackets are scored from these afterwards (``score_draws``)."""
+    runs = []
+    data = (s.x, s.y)
+    for factor in factors:
+        lr = factor * lr_star
+        for seed in seeds:
+            ratio, cost, bracket, traj = {}, {}, [], {}
+            for k, count in DRAWS.items():
+                for j in range(count):
+                    model, opt = s.fresh(lr)
+                    batches = draw_batches(data, b, k, probe_generator(seed, j))
+                    first = k == 10 and j == 0 and not trajectories
+                    res = lookahead(
+                        model,
+                        opt,
+                        s.loss,
+                        batches,
+                        multiples=LA_MULTIPLES if first else (1.0,),
+                        refine=BRACKET_REFINE if first else 0,
+                        blowup_factor=math.inf if trajectories else BLOWUP,
+                    )
+                    if trajectories:
+                        traj[f"{k}/{j}"] = (res.loss_start, res.loss_end[0], res.step_losses[0])
+                    ratio[f"{k}/{j}"] = res.peak_loss[0] / res.loss_start
+                    # one short run's share of the lookahead's time
+                    cost[f"{k}/{j}"] = res.seconds / max(len(res.tested), 1)
+                    if first:
+                        bracket = [list(t) for t in res.tested]
+            step, secs, nsteps = real_run(s, lr, b, seed)
+            runs.append(
+                DrawRun(
+                    s.name, b, factor, seed, lr, step, ratio, cost, bracket, secs / nsteps, traj
+                )
+            )
+    return runs
+
+
+def _bracket_lr(run: DrawRun, refine: int) -> float:
+    """``blowup_lr`` the bracket would give with ``refine`` refine runs (replayed)."""
+    tried = run.bracket[: len(LA_MULTIPLES) + refine]
+    blown = [c for c, b in tried if b]
+    return min(blown) * run.lr if blown else math.inf
+
+
+def _logged_before(run: DrawRun) -> float:
+    """``stability/blowup_lr`` as ``CoherenceProbe`` logged it with ``refine=0``: draw 0's
+    (1, 2, 4) bracket, or the current lr when draw 1 blew up at it (the minimum of both)."""
+    value = _bracket_lr(run, 0)
+    return min(value, run.lr) if run.ratio["10/1"] > BLOWUP else value
+
+
+def _rule_warns(run: DrawRun, ks: tuple[int, ...], factor: float = BLOWUP) -> bool:
+    return any(run.ratio[f"{k}/{j}"] > factor for j, k in enumerate(ks))
+
+
+def _seed_label(seeds: list[int]) -> str:
+    return f"seeds {min(seeds)}-{max(seeds)}" if seeds else "no seeds"
+
+
+def score_draws(runs: list[DrawRun], seeds: list[int]) -> None:
+    """Recall / false alarms / lead / cost of every rule in ``RULES``, and the probe's
+    bracket's ``blowup_lr`` against ``lr*``, on the runs of ``seeds``."""
+    runs = [r for r in runs if r.seed in seeds]
+    setups = list(dict.fromkeys(r.setup for r in runs))
+    print(f"\n## Lookahead rules at the current lr, blow-up factor 10 ({_seed_label(seeds)})\n")
+    head = " | ".join(f"{n} recall | {n} false alarms | {n} lead | {n} cost" for n in setups)
+    print(f"| rule (k per draw) | {head} |")
+    print("| --- |" + " --- | --- | --- | --- |" * len(setups))
+    for name, ks in RULES:
+        cells = []
+        for n in setups:
+            rs = [r for r in runs if r.setup == n]
+            blown = [r for r in rs if r.blowup_step is not None]
+            calm = [r for r in rs if r.blowup_step is None]
+            hit = [r for r in blown if _rule_warns(r, ks)]
+            fa = sum(_rule_warns(r, ks) for r in calm)
+            leads = [r.blowup_step for r in hit]
+            lead = f"{statistics.median(leads):.0f} [{min(leads)}]" if leads else "-"
+            cost = statistics.median(
+                sum(r.cost[f"{k}/{j}"] for j, k in enumerate(ks)) / r.step_s for r in rs
+            )
+            cells += [_pct(len(hit), len(blown)), _pct(fa, len(calm)), lead, f"{cost:.0f}"]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"\n## Bracket blowup_lr / lr* ({_seed_label(seeds)}; draw 0, k = 10, (1, 2, 4) x lr)\n")
+    refines = (0, 1, 2, 3, BRACKET_REFINE)
+    print(
+        "| setup | B | "
+        + " | ".join(f"refine={r}: within 1.5x / 2x | refine={r}: median" for r in refines)
+        + " | logged with refine=0 (min with draw 1): within 1.5x / 2x"
+        + " | extra runs (median, refine=4) |"
+    )
+    print("| --- | --- |" + " --- | --- |" * len(refines) + " --- | --- |")
+    lr_star = {(r.setup, r.b): r.lr / r.factor for r in runs}
+    for n in setups:
+        for b in BATCH_SIZES:
+            rs = [r for r in runs if (r.setup, r.b) == (n, b)]
+            if not rs:
+                continue
+            cells = []
+            for ref in refines:
+                rat = [_bracket_lr(r, ref) / lr_star[(n, b)] for r in rs]
+                c15 = sum(1 / 1.5 <= x <= 1.5 for x in rat)
+                c2 = sum(0.5 <= x <= 2 for x in rat)
+                cells += [f"{c15}/{len(rat)} / {c2}/{len(rat)}", f"{statistics.median(rat):.2f}"]
+            rat = [_logged_before(r) / lr_star[(n, b)] for r in rs]
+            c15, c2 = sum(1 / 1.5 <= x <= 1.5 for x in rat), sum(0.5 <= x <= 2 for x in rat)
+            cells.append(f"{c15}/{len(rat)} / {c2}/{len(rat)}")
+            extra = statistics.median(len(r.bracket) - len(LA_MULTIPLES) for r in rs)
+            print(f"| {n} | {b} | " + " | ".join(cells) + f" | {extra:g} |")
+
+
+WINDOW_EXAMPLES = 32  # the real runs' blow-up window: ceil(32 / B) mini-batch losses
+
+
+def _traj_blew(traj, b: int, how: str, factor: float = BLOWUP) -> bool:
+    """Whether a short run (``--trajectories``: loss_start, loss_end, step losses) blew up:
+    ``raw`` any step loss or loss_end above ``factor`` x loss_start; ``window`` the mean of
+    the last ceil(32 / B) step losses (the real runs' own rule) or loss_end above it;
+    ``end`` only loss_end. A non-finite loss is a blow-up for all three."""
+    start, end, losses = traj
+    limit = factor * start
+    if not all(math.isfinite(v) for v in [*losses, end]):
+        return True
+    if end > limit:
+        return True
+    if how == "raw":
+        return max(losses) > limit
+    if how == "window":
+        w = math.ceil(WINDOW_EXAMPLES / b)
+        return any(
+            sum(losses[max(0, t - w + 1) : t + 1]) / len(losses[max(0, t - w + 1) : t + 1]) > limit
+            for t in range(len(losses))
+        )
+    return False
+
+
+def score_traj(runs: list[DrawRun], seeds: list[int]) -> None:
+    """Rules of ``RULES`` under the three short-run blow-up tests of ``_traj_blew``."""
+    runs = [r for r in runs if r.seed in seeds and r.traj]
+    setups = list(dict.fromkeys(r.setup for r in runs))
+    print(f"\n## Short-run blow-up tests x rules, factor 10 ({_seed_label(seeds)})\n")
+    head = " | ".join(f"{n} recall | {n} false alarms" for n in setups)
+    print(f"| test | rule | {head} | cnn B=8 | cnn B=32 | cnn B=128 |")
+    print("| --- | --- |" + " --- | --- |" * len(setups) + " --- | --- | --- |")
+    for how in ("raw", "window", "end"):
+        for name, ks in RULES:
+
+            def warns(r, ks=ks, how=how):
+                return any(_traj_blew(r.traj[f"{k}/{j}"], r.b, how) for j, k in enumerate(ks))
+
+            cells = []
+            for n in setups:
+                rs = [r for r in runs if r.setup == n]
+                blown = [r for r in rs if r.blowup_step is not None]
+                calm = [r for r in rs if r.blowup_step is None]
+                cells += [
+                    _pct(sum(map(warns, blown)), len(blown)),
+                    _pct(sum(map(warns, calm)), len(calm)),
+                ]
+            for b in BATCH_SIZES:
+                rs = [r for r in runs if (r.setup, r.b) == ("cnn", b)]
+                bl = [r for r in rs if r.blowup_step is not None]
+                ok = [r for r in rs if r.blowup_step is None]
+                cells.append(f"{sum(map(warns, bl))}/{len(bl)}, {sum(map(warns, ok))}/{len(ok)}")
+            print(f"| {how} | {name} | " + " | ".join(cells) + " |")
+
+
+# --------------------------------------------------------------------------- end to end
+
+E2E_IDENTITY_FACTORS = (0.5, 1.25)  # runs repeated without the probe (bit-identity check)
+
+
+def _train_with(s: Setup, lr: float, b: int, seed: int, monitor_opts: dict | None):
+    """The real run of ``real_run``, optionally through ``CoherenceMonitor`` (its ``start``
+    before the first step, its ``step(opt, B, loss)`` after each one). Returns the blow-up
+    step, the step of each ``BlowupWarning`` (0: the pre-flight probe), seconds of training
+    and of the monitor, the losses, the final model and optimizer, and the monitor."""
+    model, opt = s.fresh(lr)
+    batches = draw_batches((s.x, s.y), b, STEPS, torch.Generator().manual_seed(10_000 + seed))
+    window = deque(maxlen=math.ceil(32 / b))
+    monitor, warn_steps, other = None, [], {}
+    train_s = probe_s = 0.0
+    losses: list[float] = []
+    blowup = None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+
+        def collect(step: int) -> None:
+            for w in caught:
+                if issubclass(w.category, tc.BlowupWarning):
+                    warn_steps.append(step)
+                else:
+                    other[w.category.__name__] = other.get(w.category.__name__, 0) + 1
+            caught.clear()
+
+        if monitor_opts is not None:
+            t0 = time.perf_counter()
+            monitor = tc.CoherenceMonitor(
+                model,
+                s.loss,
+                torch.utils.data.TensorDataset(s.x, s.y),
+                seed=seed,
+                **monitor_opts,
+            )
+            monitor.start(opt, batch_size=b)
+            probe_s += time.perf_counter() - t0
+            collect(0)
+        for t, (xb, yb) in enumerate(batches):
+            t0 = time.perf_counter()
+            opt.zero_grad()
+            loss = s.loss(model(xb), yb)
+            v = float(loss.detach())
+            losses.append(v)
+            window.append(v)
+            if not math.isfinite(v) or sum(window) / len(window) > BLOWUP * s.loss0:
+                blowup = t
+                break
+            loss.backward()
+            opt.step()
+            train_s += time.perf_counter() - t0
+            if monitor is not None:
+                t0 = time.perf_counter()
+                monitor.step(opt, batch_size=b, loss=loss.detach())
+                probe_s += time.perf_counter() - t0
+                collect(t + 1)
+    steps = blowup if blowup is not None else STEPS
+    return dict(
+        blowup=blowup,
+        warn_steps=warn_steps,
+        other=other,
+        train_s=train_s,
+        probe_s=probe_s,
+        steps=steps,
+        losses=losses,
+        model=model,
+        opt=opt,
+        monitor=monitor,
+    )
+
+
+def _identical(a: dict, b: dict) -> bool:
+    if a["losses"] != b["losses"]:
+        return False
+    sa, sb = a["model"].state_dict(), b["model"].state_dict()
+    if any(not torch.equal(sa[k], sb[k]) for k in sa):
+        return False
+    oa, ob = a["opt"].state_dict()["state"], b["opt"].state_dict()["state"]
+    return all(
+        torch.equal(oa[i][k], ob[i][k])
+        for i in oa
+        for k in oa[i]
+        if isinstance(oa[i][k], torch.Tensor)
+    )
+
+
+@dataclass
+class E2ERun:
+    setup: str
+    b: int
+    factor: float
+    seed: int
+    blowup_step: int | None
+    warn_steps: list[int]
+    other_warnings: dict[str, int]
+    probe_s: float
+    preflight_s: float
+    step_s: float
+    blowup_lr: float  # stability/blowup_lr of the pre-flight probe
+    probes: dict[str, int]  # probes by kind
+    identical: bool | None
+
+
+def e2e(
+    s: Setup, b: int, lr_star: float, seeds: list[int], opts: dict, factors=LR_FACTORS
+) -> list[E2ERun]:
+    runs = []
+    for factor in factors:
+        lr = factor * lr_star
+        for seed in seeds:
+            out = _train_with(s, lr, b, seed, opts)
+            hist = out["monitor"].history
+            identical = None
+            step_s = out["train_s"] / max(out["steps"], 1)
+            if factor in E2E_IDENTITY_FACTORS:
+                bare = _train_with(s, lr, b, seed, None)
+                identical = _identical(out, bare)
+                step_s = bare["train_s"] / max(bare["steps"], 1)
+            kinds: dict[str, int] = {}
+            for h in hist:
+                kinds[h["kind"]] = kinds.get(h["kind"], 0) + 1
+            pre = hist[0] if hist and hist[0]["kind"] == "preflight" else {}
+            runs.append(
+                E2ERun(
+                    s.name,
+                    b,
+                    factor,
+                    seed,
+                    out["blowup"],
+                    out["warn_steps"],
+                    out["other"],
+                    out["probe_s"],
+                    float(pre.get("probe/seconds", math.nan)),
+                    step_s,
+                    float(pre.get("stability/blowup_lr", math.nan)),
+                    kinds,
+                    identical,
+                )
+            )
+    return runs
+
+
+def _linear(runs: list[E2ERun]) -> int:
+    return sum("LinearInstabilityWarning" in r.other_warnings for r in runs)
+
+
+def e2e_tables(runs: list[E2ERun], lr_star: dict[tuple[str, int], float]) -> None:
+    print("\n## End to end through CoherenceMonitor / CoherenceProbe (BlowupWarning)\n")
+    print(
+        "| setup | recall | false alarms | lead, median [min] | hits by the pre-flight probe | "
+        "pre-flight probe (steps, median) | all probes (steps, median) | bit-identical | "
+        "LinearInstabilityWarning: blown-up / calm runs |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for n in dict.fromkeys(r.setup for r in runs):
+        rs = [r for r in runs if r.setup == n]
+        blown = [r for r in rs if r.blowup_step is not None]
+        calm = [r for r in rs if r.blowup_step is None]
+        hit = [r for r in blown if any(w < r.blowup_step for w in r.warn_steps)]
+        leads = [r.blowup_step - min(r.warn_steps) for r in hit]
+        pre = sum(0 in r.warn_steps for r in hit)
+        fa = sum(bool(r.warn_steps) for r in calm)
+        lead = f"{statistics.median(leads):.0f} [{min(leads)}]" if leads else "-"
+        ident = [r.identical for r in rs if r.identical is not None]
+        print(
+            f"| {n} | {_pct(len(hit), len(blown))} | {_pct(fa, len(calm))} | {lead} | "
+            f"{pre}/{len(hit)} | {statistics.median(r.preflight_s / r.step_s for r in rs):.0f} | "
+            f"{statistics.median(r.probe_s / r.step_s for r in rs):.0f} | "
+            f"{sum(ident)}/{len(ident)} | {_linear(blown)}/{len(blown)}, "
+            f"{_linear(calm)}/{len(calm)} |"
+        )
+    print("\n## stability/blowup_lr of the pre-flight probe / lr*\n")
+    print("| setup | B | within 1.5x | within 2x | median [range] | inf |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for (n, b), star in lr_star.items():
+        rat = [r.blowup_lr / star for r in runs if (r.setup, r.b) == (n, b)]
+        if not rat:
+            continue
+        fin = [x for x in rat if math.isfinite(x)]
+        rng = f"{statistics.median(fin):.2f} [{min(fin):.2f}, {max(fin):.2f}]" if fin else "-"
+        print(
+            f"| {n} | {b} | {sum(1 / 1.5 <= x <= 1.5 for x in rat)}/{len(rat)} | "
+            f"{sum(0.5 <= x <= 2 for x in rat)}/{len(rat)} | {rng} | {len(rat) - len(fin)} |"
+        )
+    kinds: dict[str, int] = {}
+    for r in runs:
+        for k, v in r.probes.items():
+            kinds[k] = kinds.get(k, 0) + v
+    print(f"\nprobes by kind over {len(runs)} runs: {kinds}")
 
 
 # --------------------------------------------------------------------------- tables
@@ -456,6 +885,94 @@ def blowup_lr_table(calib, all_runs: list[Run], factors) -> None:
         print(f"| {name} B={b} | " + " | ".join(cells) + f" | {close}/{total} |")
 
 
+def cached_lr_star(s: Setup, b: int, path: str | None, bisections: int) -> float:
+    """``lr*`` of ``find_blowup_lr`` (deterministic), read from / added to the JSON ``path``."""
+    key = f"{s.name}/{b}"
+    cache = {}
+    if path and os.path.exists(path):
+        with open(path) as fh:
+            cache = json.load(fh)
+    if key in cache:
+        return float(cache[key])
+    lam, _ = full_sharpness(s)
+    t0 = time.perf_counter()
+    value = find_blowup_lr(s, b, gd_limit(1.0, s.momentum) / lam, bisections)
+    print(f"  {key}: lr* = {value:.4g} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if path:
+        if os.path.exists(path):  # another process may have added keys meanwhile
+            with open(path) as fh:
+                cache = json.load(fh)
+        cache[key] = value
+        with open(path, "w") as fh:
+            json.dump(cache, fh, indent=1)
+    return value
+
+
+def _parse_seeds(text: str) -> list[int]:
+    lo, _, hi = text.partition("-")
+    return list(range(int(lo), int(hi or lo) + 1))
+
+
+def run_new_modes(args, seeds: list[int], t_start: float) -> None:
+    """``--draws``, ``--e2e`` and ``--score``: see the module docstring."""
+    if args.score:
+        runs, e2e_runs, stars = [], [], {}
+        for path in args.score.split(","):
+            with open(path) as fh:
+                saved = json.load(fh)
+            runs += [DrawRun(**r) for r in saved["draws"]]
+            e2e_runs += [E2ERun(**r) for r in saved.get("e2e", [])]
+            for key, value in saved.get("lr_star", {}).items():
+                name, b = key.split("/")
+                stars[(name, int(b))] = value
+        seeds = _parse_seeds(args.score_seeds)
+        if e2e_runs:
+            e2e_tables([r for r in e2e_runs if r.seed in seeds], stars)
+        elif any(r.traj for r in runs):
+            score_traj(runs, seeds)
+        else:
+            score_draws(runs, seeds)
+        return
+    setups = build_setups(args.setups.split(","))
+    opts = {}
+    if args.e2e_fast:
+        opts = dict(lyapunov=False, criterion="theorem1")
+    draws, e2e_runs, stars = [], [], {}
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    factors = tuple(float(f) for f in args.lr_factors.split(",")) if args.lr_factors else LR_FACTORS
+    for s in setups:
+        for b in batch_sizes:
+            lr_star = stars[(s.name, b)] = cached_lr_star(s, b, args.lr_star, 4)
+            if args.draws:
+                draws += lookahead_draws(s, b, lr_star, seeds, factors, args.trajectories)
+            else:
+                e2e_runs += e2e(s, b, lr_star, seeds, opts, factors)
+            print(
+                f"  {s.name} B={b}: lr*={lr_star:.4g}, done at "
+                f"{time.perf_counter() - t_start:.0f} s, load={os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
+            if args.json:
+                with open(args.json, "w") as fh:
+                    json.dump(
+                        {
+                            "draws": [asdict(r) for r in draws],
+                            "e2e": [asdict(r) for r in e2e_runs],
+                            "lr_star": {f"{k[0]}/{k[1]}": v for k, v in stars.items()},
+                        },
+                        fh,
+                    )
+    if args.draws and not args.trajectories:
+        score_draws(draws, seeds)
+    elif args.e2e:
+        print(
+            f"\nprobe options: CoherenceMonitor defaults{' + ' + str(opts) if opts else ''}; "
+            f"lookahead DEFAULT_STEPS = {DEFAULT_STEPS}"
+        )
+        e2e_tables(e2e_runs, stars)
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s, load={os.getloadavg()}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2-minute smoke run")
@@ -465,18 +982,27 @@ def main() -> None:
     p.add_argument("--linear-seeds", type=int, default=1, help="seeds with rho(T) and gamma")
     p.add_argument("--linear-setups", default="mse", help="setups with rho(T) and gamma")
     p.add_argument("--no-gamma", action="store_true")
-    p.add_argument(
-        "--only-blowup-lr",
-        action="store_true",
-        help="only the k = 20 lookahead's blowup_lr against lr* (no criteria)",
-    )
-    p.add_argument(
-        "--lookahead-only",
-        action="store_true",
-        help="only lookaheads at the current lr, scored at thresholds 3, 5, 10x",
-    )
+    flags = {
+        "--only-blowup-lr": "only the k = 20 lookahead's blowup_lr against lr* (no criteria)",
+        "--lookahead-only": "only lookaheads at the current lr, scored at thresholds 3, 5, 10x",
+        "--draws": "only independent lookahead draws at the current lr and the probe's bracket",
+        "--trajectories": "with --draws: every draw's step losses (blowup_factor=inf), no bracket",
+        "--e2e": "train through CoherenceMonitor, count BlowupWarnings",
+        "--e2e-fast": "with --e2e: lyapunov=False, criterion='theorem1' (else the defaults)",
+    }
+    for flag, text in flags.items():
+        p.add_argument(flag, action="store_true", help=text)
     p.add_argument("--json", help="also write every run (criteria, blow-up step, costs) here")
     p.add_argument("--no-real-batches", dest="real_batches", action="store_false")
+    p.add_argument("--lr-star", help="JSON cache of lr* per setup/B (read, and added to)")
+    p.add_argument(
+        "--score", help="score the draws saved by --draws --json in these files (comma-separated)"
+    )
+    p.add_argument("--score-seeds", default="0-9", help="with --score: seeds a-b")
+    p.add_argument("--batch-sizes", default="8,32,128", help="with --draws / --e2e")
+    p.add_argument(
+        "--lr-factors", dest="lr_factors", default=None, help="with --draws / --e2e: lr / lr* list"
+    )
     args = p.parse_args()
     batch_sizes, ks, bisections = BATCH_SIZES, LA_STEPS, 4
     args.factors = LR_FACTORS
@@ -490,6 +1016,9 @@ def main() -> None:
         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')} load={os.getloadavg()}",
         flush=True,
     )
+    if args.draws or args.e2e or args.score:
+        run_new_modes(args, seeds, t_start)
+        return
     setups = build_setups(args.setups.split(","))
     all_runs: list[Run] = []
     step_time: dict[tuple[str, int], float] = {}

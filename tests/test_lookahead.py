@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from torch_coherence._state import _bit_equal
-from torch_coherence.lookahead import LookaheadResult, draw_batches, lookahead
+from torch_coherence.lookahead import DEFAULT_REFINE, LookaheadResult, draw_batches, lookahead
 from torch_coherence.optim import SAM
 
 
@@ -126,11 +126,18 @@ def test_short_run_equals_a_manual_run(multiple: float) -> None:
     twin_opt = torch.optim.SGD(twin.parameters(), lr=1.0, momentum=0.9)
     twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # own momentum buffers
     twin_opt.param_groups[0]["lr"] = 0.05 * multiple
-    _train(twin, twin_opt, batches)
+    step_losses = []
+    for bx, by in batches:  # _train, recording each step's loss at the weights before it
+        twin_opt.zero_grad()
+        value = nn.CrossEntropyLoss()(twin(bx), by)
+        value.backward()
+        twin_opt.step()
+        step_losses.append(float(value.detach()))
     with torch.no_grad():
         expected = sum(float(nn.CrossEntropyLoss()(twin(b[0]), b[1])) for b in batches) / 5
     res = lookahead(model, opt, nn.CrossEntropyLoss(), batches, multiples=(multiple,))
     assert res.loss_end[0] == pytest.approx(expected, rel=1e-10)
+    assert res.step_losses[0] == pytest.approx(step_losses, rel=1e-10)
     assert res.lr == 0.05 and res.steps == 5 and res.blew_up == (False,)
     assert math.isinf(res.blowup_lr) and not res.predicted
 
@@ -161,6 +168,16 @@ def test_blowup_lr_brackets_the_gd_threshold() -> None:
     assert not res.predicted
     assert res.peak_loss[0] == pytest.approx(res.loss_start)  # GD at 0.5 lr_gd: loss falls
     assert res.peak_loss[1] > 10 * res.loss_start and res.peak_loss[2] > 10 * res.loss_start
+    # the trace: the multiples in order, then 8 refine runs inside the bracket (1, 3)
+    assert res.tested[:3] == ((1.0, False), (3.0, True), (6.0, True)) and len(res.tested) == 11
+    assert all(1.0 < c < 3.0 for c, _ in res.tested[3:])
+    assert res.blowup_lr == pytest.approx(min(c for c, b in res.tested if b) * res.lr)
+    # a smaller refine gives the smallest blown-up multiple of the trace's first 3 + r runs
+    for r in (0, 2, 5):
+        short = lookahead(model, opt, nn.MSELoss(), batches, multiples=(1.0, 3.0, 6.0), refine=r)
+        assert short.tested == res.tested[: 3 + r]
+        replay = min(c for c, b in res.tested[: 3 + r] if b) * res.lr
+        assert short.blowup_lr == pytest.approx(replay, rel=1e-12)
     res2 = lookahead(
         model,
         torch.optim.SGD(model.parameters(), lr=1.2 * lr_gd),
@@ -177,8 +194,21 @@ def test_blowup_lr_brackets_from_below_when_the_current_lr_blows_up() -> None:
     res = lookahead(model, opt, nn.MSELoss(), [(x, y)] * 60, multiples=(1.0,), refine=9)
     assert res.blew_up == (True,) and res.predicted
     assert lr_gd < res.blowup_lr < 1.05 * lr_gd  # halved to 1.5, 0.75 x lr_gd, then bisected
-    unrefined = lookahead(model, opt, nn.MSELoss(), [(x, y)] * 60, multiples=(1.0,))
+    unrefined = lookahead(model, opt, nn.MSELoss(), [(x, y)] * 60, multiples=(1.0,), refine=0)
     assert unrefined.blowup_lr == pytest.approx(3 * lr_gd)
+
+
+def test_default_refine_runs_only_when_something_blew_up() -> None:
+    model, (x, y), lr_gd = _quadratic()
+    batches = [(x, y)] * 60
+    hot = torch.optim.SGD(model.parameters(), lr=3 * lr_gd)
+    res = lookahead(model, hot, nn.MSELoss(), batches, multiples=(1.0,))
+    assert len(res.tested) == 1 + DEFAULT_REFINE  # halved to 1.5, 0.75 x lr_gd, then bisected
+    assert res.tested[:3] == ((1.0, True), (0.5, True), (0.25, False))
+    assert lr_gd < res.blowup_lr < 1.5 * lr_gd
+    calm = torch.optim.SGD(model.parameters(), lr=0.2 * lr_gd)
+    res = lookahead(model, calm, nn.MSELoss(), batches)  # multiples (1, 2, 4): all stable
+    assert res.tested == ((1.0, False), (2.0, False), (4.0, False)) and res.blowup_lr == math.inf
 
 
 def test_zero_lr_is_never_a_blowup() -> None:
