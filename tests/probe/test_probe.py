@@ -148,6 +148,9 @@ def test_raise_stop_adjust() -> None:
     assert res.new_lr == pytest.approx(0.5 * _crit())
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * _crit())
     assert opt.param_groups[1]["lr"] == pytest.approx(0.25 * _crit())
+    # the probe's own 4x lowering is not an lr change the guard triggers on
+    assert not probe.observe(0.1, opt.param_groups[0]["lr"])
+    assert probe.observe(0.1, 0.1 * _crit())  # a change made afterwards still is
 
 
 def test_failing_probe_warns_and_continues_unless_raise() -> None:

@@ -1048,6 +1048,8 @@ class CoherenceProbe:
             emit(msg, category)
         if result.new_lr is not None and optimizer is not None:
             set_learning_rate(optimizer, result.new_lr)
+            # the probe's own change is no trigger: the guard compares against the new lr
+            self.schedule.last_probe_lr = float(result.new_lr)
         if result.raise_error:
             if result.error is not None:
                 raise CoherenceProbeError(result.error)
