@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from curvature.cases import Head, M, dense_gram
+from integrations.hf_helpers import VOCAB, tiny_gpt2
 from torch import nn
 from torch.func import functional_call, hessian, jacrev
 
@@ -59,24 +60,6 @@ def test_rule_matches_the_stock_class_and_its_structure_only():
         assert find_rule(mod) is None
 
 
-def _tiny_gpt2() -> nn.Module:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=50,
-        n_positions=16,
-        n_embd=16,
-        n_layer=1,
-        n_head=2,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        attn_implementation="eager",
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.GPT2LMHeadModel(config).eval()
-
-
 class _Logits(nn.Module):
     """The reference's view of the LM: ids -> logits (m, T, V)."""
 
@@ -110,10 +93,10 @@ def _lm_reference(model: nn.Module, ids: torch.Tensor, y: torch.Tensor, loss: nn
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_tiny_gpt2_conv1d_blocks_use_the_rule_and_match_the_dense_reference(dtype):
-    lm = _tiny_gpt2()
+    lm = tiny_gpt2().eval()  # 1 layer, n_embd 16, 2 heads, vocab 12
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 50, (3, 4), generator=gen)
-    y = torch.randint(0, 50, (3, 4), generator=gen)
+    ids = torch.randint(0, VOCAB, (3, 4), generator=gen)
+    y = torch.randint(0, VOCAB, (3, 4), generator=gen)
     loss = nn.CrossEntropyLoss()  # sequence CE: logits (m, T, V), targets (m, T)
     Kref = _lm_reference(_Logits(copy.deepcopy(lm).double()), ids, y, loss)
     conv1d = [k for k, mod in lm.named_modules() if isinstance(mod, Conv1D)]
