@@ -236,6 +236,29 @@ class Subclasses(nn.Module):
         return self.out(torch.tanh(self.scaled(h)))
 
 
+class HFConv1D(nn.Module):
+    """Two Hugging Face ``Conv1D`` layers (transposed weights) on a (m, T, d) input, the second
+    a subclass inheriting ``forward``; the case is skipped without ``transformers``."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        import pytest
+
+        Conv1D = pytest.importorskip("transformers.pytorch_utils").Conv1D
+
+        class MyConv1D(Conv1D):
+            pass
+
+        self.fc, self.proj, self.head = Conv1D(6, 4), MyConv1D(5, 6), Head(5, c)
+        with torch.no_grad():  # off the zero-bias, tiny-weight initialisation
+            for mod in (self.fc, self.proj):
+                mod.weight.normal_(0, 0.5)
+                mod.bias.normal_(0, 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.proj(torch.tanh(self.fc(x))))
+
+
 def _float(*shape: int) -> Callable[[torch.Generator], torch.Tensor]:
     return lambda g: torch.randn(M, *shape, generator=g)
 
@@ -285,6 +308,7 @@ CASES: dict[str, Case] = {
     "norms": Case(Norms, _float(4)),
     "compiled_submodule": Case(CompiledInside, _float(4)),
     "subclasses": Case(Subclasses, _float(2, 3, 3)),
+    "conv1d_hf": Case(HFConv1D, _float(3, 4)),
     "compiled": Case(
         lambda c: _seq(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, c)), _float(4), compiled=True
     ),

@@ -30,7 +30,12 @@ other modules, every ``F.linear`` read of it being recorded as a call of this mo
 Registered rules: :mod:`.linear` (``nn.Linear``), :mod:`.conv` (``nn.Conv1d``/``nn.Conv2d``, any
 groups, padding and padding mode), :mod:`.embedding` (``nn.Embedding``), :mod:`.norm` (affine
 parameters of ``nn.LayerNorm``, ``nn.RMSNorm``, eval-mode ``nn.BatchNorm1d/2d``),
-:mod:`.attention` (``nn.MultiheadAttention``).
+:mod:`.attention` (``nn.MultiheadAttention``), :mod:`.conv1d` (the transposed-weight linear
+layer ``Conv1D`` of Hugging Face GPT-2 and its relatives).
+
+A rule may also name classes by their qualified name (``names``, kept in :data:`NAMED`)
+instead of by type, for layers of frameworks the maths must not import: a class matches
+when its ``__module__`` and ``__qualname__`` spell a registered name.
 
 Lookup (:func:`find_rule`) follows the method resolution order, so a subclass of a registered
 type (a user's ``class MyLinear(nn.Linear)``, the ``FSDPLinear`` that FSDP2's ``fully_shard``
@@ -53,6 +58,7 @@ from torch import nn
 __all__ = [
     "READ_BY_PARENT",
     "LayerRule",
+    "NAMED",
     "Piece",
     "REGISTRY",
     "find_rule",
@@ -98,15 +104,26 @@ class LayerRule(Protocol):
 #: registered module type -> rule (looked up along the MRO by :func:`find_rule`).
 REGISTRY: dict[type, LayerRule] = {}
 
+#: qualified class name ("package.module.Class") -> rule, for classes that are not imported.
+NAMED: dict[str, LayerRule] = {}
+
 #: Subclasses of registered types whose parameters their parent module reads functionally.
 READ_BY_PARENT: tuple[type, ...] = (nn.modules.linear.NonDynamicallyQuantizableLinear,)
 
 
 def register(rule: LayerRule) -> LayerRule:
-    """Register ``rule`` for each of its ``types``."""
+    """Register ``rule`` for each of its ``types`` (and the qualified ``names`` it may list)."""
     for t in rule.types:
         REGISTRY[t] = rule
+    for name in getattr(rule, "names", ()):
+        NAMED[name] = rule
     return rule
+
+
+def _rule_of(cls: type) -> LayerRule | None:
+    """The rule registered for exactly ``cls``, by type or by qualified name."""
+    rule = REGISTRY.get(cls)
+    return rule if rule is not None else NAMED.get(f"{cls.__module__}.{cls.__qualname__}")
 
 
 def registered_base(cls: type) -> type | None:
@@ -118,7 +135,7 @@ def registered_base(cls: type) -> type | None:
     if issubclass(cls, READ_BY_PARENT):
         return None
     for base in cls.__mro__:
-        if base in REGISTRY:
+        if _rule_of(base) is not None:
             return base if cls.forward is base.forward else None
     return None
 
@@ -128,8 +145,8 @@ def find_rule(module: nn.Module) -> LayerRule | None:
     base = registered_base(type(module))
     if base is None:
         return None
-    rule = REGISTRY[base]
-    return rule if rule.supports(module) else None
+    rule = _rule_of(base)
+    return rule if rule is not None and rule.supports(module) else None
 
 
 def with_ones(a: torch.Tensor, with_weight: bool, with_bias: bool) -> torch.Tensor:
@@ -141,4 +158,4 @@ def with_ones(a: torch.Tensor, with_weight: bool, with_bias: bool) -> torch.Tens
     return a
 
 
-from . import attention, conv, embedding, linear, norm  # noqa: E402,F401  (registration)
+from . import attention, conv, conv1d, embedding, linear, norm  # noqa: E402,F401  (registration)
