@@ -161,3 +161,36 @@ def test_momentum_rate_never_builds_per_sample_jacobians(monkeypatch):
     A = random_factors(gen, 8, 3, 40)
     rate = mean_square_rate(A, 0.05, 2, 20, kind="factors", momentum=0.9)
     assert 0 < rate < 2
+
+
+def test_pivoted_cholesky_reduction_is_an_orthonormal_coefficient_space():
+    """G_i from the pivoted Cholesky of K reproduce K, and h_i = Q^T H_i Q for an explicit
+    orthonormal basis Q of V (so rho(T) and the Hessian spectra are those of the H_i)."""
+    from torch_coherence.dynamics.curvature_space import as_coefficient_curvature
+
+    gen = torch.Generator().manual_seed(8)
+    A = random_factors(gen, 7, 3, 15).to(torch.float64)  # m C = 21 > d = 15: rank 15
+    cc = as_coefficient_curvature(A, "factors")
+    assert cc.rank == 15
+    F = cc.factors.reshape(21, -1)
+    K = A.reshape(21, 15) @ A.reshape(21, 15).T
+    assert torch.allclose(F @ F.T, K, atol=1e-12)
+    Q, _ = torch.linalg.qr(A.reshape(21, 15).T)  # orthonormal basis of V = R^15
+    H = hessians_from_factors(A)
+    spec_q = torch.linalg.eigvalsh(Q.T @ H.sum(0) @ Q)
+    spec_c = torch.linalg.eigvalsh(cc.hessians().sum(0))
+    assert torch.allclose(spec_q, spec_c, atol=1e-10)
+    lam = float(torch.linalg.eigvalsh(H.mean(0))[-1])
+    assert cc.top_eigenvalue() == pytest.approx(lam, rel=1e-12)
+    big = as_coefficient_curvature(random_factors(gen, 30, 4, 100), "factors")  # Lanczos
+    want = float(torch.linalg.eigvalsh(big.mean_hessian())[-1])
+    assert big.top_eigenvalue() == pytest.approx(want, rel=1e-9)
+    bad = K.clone()
+    bad[0, 0] -= 5.0 * float(K.diagonal().max())
+    with pytest.raises(ValueError, match="positive semidefinite"):
+        as_coefficient_curvature(bad.reshape(7, 3, 7, 3), "gram")
+    swap = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)  # eigenvalue -1
+    with pytest.raises(ValueError, match="positive semidefinite"):
+        as_coefficient_curvature(swap, "gram")
+    low_rank = (A[:, :, :4].reshape(21, 4) @ A[:, :, :4].reshape(21, 4).T).reshape(7, 3, 7, 3)
+    assert as_coefficient_curvature(low_rank, "gram").rank == 4

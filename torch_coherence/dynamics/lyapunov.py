@@ -536,7 +536,8 @@ def _monte_carlo(
     the mean log growth after ``burn_in``, i.e. (1/K) log(||w_steps|| / ||w_burn_in||).
     A run whose state becomes exactly 0 gives -inf. Propagation is in :data:`MC_DTYPE`
     (the log growths are summed in float64); should a norm overflow it, the evaluation is
-    repeated in float64. ``make_apply(dtype)`` gives the step's product in that dtype.
+    repeated in float64. ``make_apply(dtype)`` gives the space the runs are propagated in
+    (:class:`_CoefficientSpace`) in that dtype.
     """
     for dtype in dict.fromkeys((MC_DTYPE, F64)):
         out = _monte_carlo_run(make_apply(dtype), r, m, n, lrs, batch_size, sampling, beta, steps,
@@ -546,8 +547,29 @@ def _monte_carlo(
     raise ArithmeticError("lyapunov_exponent: the norm of a run overflowed float64")
 
 
+class _CoefficientSpace:
+    """Runs propagated as coefficient vectors w (R, L, r): w' = w - eta sum_i s_i h_i P w."""
+
+    def __init__(self, apply):
+        self.apply = apply
+
+    def start(self, W: torch.Tensor, Wp: torch.Tensor | None):
+        return W, Wp
+
+    def step(self, state, wt: torch.Tensor, neg_lr: torch.Tensor, beta: float):
+        W, Wp = state
+        Wn = torch.addcmul(W, neg_lr, self.apply(wt, W))
+        if beta:
+            Wn += beta * (W - Wp)
+            nrm = (Wn.square().sum(2) + W.square().sum(2)).sqrt_()
+        else:
+            nrm = torch.linalg.vector_norm(Wn, dim=2)
+        inv = nrm.reciprocal().unsqueeze(2)
+        return (Wn * inv, W * inv if beta else None), nrm
+
+
 def _monte_carlo_run(
-    apply, r, m, n, lrs, batch_size, sampling, beta, steps, burn_in, repeats, seed, cache,
+    space, r, m, n, lrs, batch_size, sampling, beta, steps, burn_in, repeats, seed, cache,
     dtype,
 ) -> list[tuple[float, float]] | None:  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
@@ -571,20 +593,11 @@ def _monte_carlo_run(
     scale = batches.scale.to(dtype)
     neg_lr = -torch.tensor(lrs, dtype=dtype).view(1, L, 1)
     norms = torch.empty(steps, repeats, L, dtype=dtype)
+    state = space.start(W, Wp)
     k = 0
     for counts in chunks:
         for cnt in counts.to(dtype):
-            Wn = torch.addcmul(W, neg_lr, apply(cnt * scale, W))
-            if beta:
-                Wn += beta * (W - Wp)
-                nrm = (Wn.square().sum(2) + W.square().sum(2)).sqrt_()
-            else:
-                nrm = torch.linalg.vector_norm(Wn, dim=2)
-            norms[k] = nrm
-            inv = nrm.reciprocal().unsqueeze(2)
-            if beta:
-                Wp = W * inv
-            W = Wn * inv
+            state, norms[k] = space.step(state, cnt * scale, neg_lr, beta)
             k += 1
     if bool(torch.isinf(norms).any()):
         return None  # a norm overflowed the propagation dtype (then 0 and NaN would follow)
@@ -638,7 +651,7 @@ class _Problem:
         """lambda_1 of the mean Hessian (in the common eigenbasis when it commutes)."""
         if self.joint is not None:
             return float(np.max(self.joint[1]))
-        return float(torch.linalg.eigvalsh(self.cc.mean_hessian())[-1])
+        return self.cc.top_eigenvalue()
 
     def exact(self, lr: float, batch_size: float) -> tuple[float, str] | None:
         if self.cc.rank == 0:
@@ -663,11 +676,12 @@ class _Problem:
                             self._cache)  # fmt: skip
 
     def _apply_in(self, dtype: torch.dtype):
-        """The step's product in ``dtype`` (built once per dtype)."""
+        """The space the runs are propagated in, in ``dtype`` (built once per dtype)."""
         if self._apply is None:
             self._apply = {}
         if dtype not in self._apply:
-            self._apply[dtype] = _make_apply(self.cc, self.joint, self.q, dtype)[0]
+            apply = _make_apply(self.cc, self.joint, self.q, dtype)[0]
+            self._apply[dtype] = _CoefficientSpace(apply)
         return self._apply[dtype]
 
 
