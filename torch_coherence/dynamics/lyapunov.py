@@ -596,8 +596,8 @@ def _monte_carlo_run(
     state = space.start(W, Wp)
     k = 0
     for counts in chunks:
-        for cnt in counts.to(dtype):
-            state, norms[k] = space.step(state, cnt * scale, neg_lr, beta)
+        for wt in counts.to(dtype) * scale:  # step weights N_i w_i / B, one chunk at once
+            state, norms[k] = space.step(state, wt, neg_lr, beta)
             k += 1
     if bool(torch.isinf(norms).any()):
         return None  # a norm overflowed the propagation dtype (then 0 and NaN would follow)
