@@ -307,21 +307,35 @@ def _top_generalized(
     rel_tol: float,
     start: torch.Tensor | None = None,
 ) -> tuple[float, torch.Tensor]:
-    """(lambda_max, unit eigenvector) of W^(-1/2) N W^(-1/2) on symmetric r x r matrices, W
-    entrywise > 0 and N self-adjoint in the trace inner product, by Lanczos (default start
-    W^(1/2) I; pass the previous eigenvector for a warm start)."""
+    """(lambda_max, unit eigenvector as a symmetric r x r matrix) of W^(-1/2) N W^(-1/2) on
+    symmetric matrices, W entrywise > 0 and N self-adjoint in the trace inner product.
+
+    Lanczos on the packed upper triangle (off-diagonal entries times sqrt(2), so that the
+    Euclidean inner product of packed vectors is tr(X Y)): half the memory of full r x r
+    vectors for its basis. Default start W^(1/2) I; pass the previous eigenvector for a
+    warm start.
+    """
     r = weight.shape[0]
     root = weight.rsqrt()
+    iu, ju = torch.triu_indices(r, r)
+    scale = torch.full(iu.shape, math.sqrt(2.0), dtype=F64)  # float64: an exact isometry
+    scale[iu == ju] = 1.0
+
+    def unpack(v: torch.Tensor) -> torch.Tensor:
+        X = torch.zeros(r, r, dtype=F64)
+        X[iu, ju] = v / scale
+        X[ju, iu] = v / scale
+        return X
 
     def matvec(v: torch.Tensor) -> torch.Tensor:
-        X = v.reshape(r, r)
-        return (root * apply(root * (0.5 * (X + X.T)))).reshape(-1)
+        Y = root * apply(root * unpack(v))
+        return 0.5 * (Y[iu, ju] + Y[ju, iu]) * scale
 
     if start is None:
-        start = torch.diag(torch.diagonal(weight).sqrt()).reshape(-1)
-    res = lanczos(matvec, start, tol=max(rel_tol, 1e-15),
+        start = torch.diag(torch.diagonal(weight).sqrt())
+    res = lanczos(matvec, start[iu, ju] * scale, tol=max(rel_tol, 1e-15),
                   max_iter=min(r * (r + 1) // 2, 500), stop="value")  # fmt: skip
-    return float(res.value), res.vector
+    return float(res.value), unpack(res.vector)
 
 
 def _critical_lr_self_adjoint(
@@ -453,7 +467,7 @@ def _momentum_rate(
         theta, vec = _top_generalized(W, apply, 0.1 * tol, vec)
         if theta <= 0.0:
             return math.inf, 0.0
-        u = vec.reshape(W.shape) * W.rsqrt()
+        u = vec * W.rsqrt()
         dtheta = -theta * float((slope(lam) * u * u).sum())
         return 1.0 / theta - 1.0, -dtheta / theta**2
 
