@@ -84,7 +84,7 @@ measures the calls a probe makes on a 64-example probe Gram (C = 10, r = 576).
 The critical values :func:`critical_lr_typical` and :func:`critical_batch_size_typical` use
 *common random numbers*: every evaluation reuses the same seed, so the batches and starts
 are identical and gamma_hat(eta) is a continuous function of eta that a root finder can
-solve (batched rounds of guarded regula falsi for eta, bisection for B); the band where
+solve (batched rounds of guarded interpolation for eta, bisection for B); the band where
 gamma_hat -+ 2 stderr changes sign is reported next to the root.
 """
 
@@ -1100,9 +1100,10 @@ def critical_lr_typical(
     search round are evaluated together in one batched Monte-Carlo run (each gets exactly
     the estimate :func:`lyapunov_exponent` gives it alone, up to rounding). Starting from
     the full-batch GD limit eta_GD = 2 (1 + beta) / (lambda_1 (1 + (rho/alpha) lambda_1)),
-    a bracket is found (eta_GD / 2, eta_GD, 2 eta_GD, then widened by factors of 4) and
-    closed by guarded regula falsi on log eta to relative width ``rel_tol`` (usually two or
-    three rounds of two or three learning rates; see :class:`_LrSearch`). With ``band``
+    a bracket is found (eta_GD / 2, eta_GD, 2 eta_GD, then widened by factors of 2, four per
+    round, up to 4^12 each way) and closed by guarded quadratic interpolation on log eta
+    with a trisection safeguard to relative width ``rel_tol`` (see :class:`_LrSearch`). A
+    root more than 4^12 from eta_GD is reported as 0.0 or inf. With ``band``
     the same is done, in the same rounds, for gamma_hat + 2 stderr and gamma_hat - 2 stderr,
     whose roots are ``lr_low`` and ``lr_high``: the standard error's effect on the answer
     (they mostly fall inside brackets the central root needs anyway); ``band=False``
@@ -1112,11 +1113,10 @@ def critical_lr_typical(
     result is never below :func:`critical_lr_exact` (up to the estimator's error). ``inf``
     for zero curvature.
 
-    Cost (``benchmarks/bench_dynamics.py``): on a 64-example probe Gram of a digits MLP
-    (C = 10, r = 576) with a probe's protocol (200 steps, 4 repeats, rel_tol 2e-2) the
-    central root took 8 learning rates in 3 batched runs, with the band 19 in 6 (the band's
-    roots are seeded with their linear prediction from the central one): pass
-    ``band=False`` when only ``lr`` is used.
+    Cost: on a 64-example probe Gram (C = 10, r = 576) with a probe's protocol (200 steps,
+    4 repeats, rel_tol 2e-2) the central root takes 2-4 batched runs of 4-12 learning rates
+    in all; the band needs more: pass ``band=False`` when only ``lr`` is used (timings:
+    ``benchmarks/bench_dynamics.py``, docs/reproducing.md).
     ``stderr`` is interpolated between the evaluated neighbours of the root. Arguments as
     in :func:`lyapunov_exponent`.
     """

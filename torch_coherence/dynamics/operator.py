@@ -570,8 +570,10 @@ def mean_square_rate(
         sam_alpha: SAM normaliser alpha > 0 (1 for unnormalised SAM).
         kind: curvature form, see :func:`as_coefficient_curvature`.
         method: ``"closed_form"`` (diagonal curvature), ``"dense"`` (Kronecker matrix on the
-            coefficient space, for small r), ``"matrix_free"`` (Arnoldi on symmetric
-            matrices, scipy ``eigs``) or ``"auto"``.
+            coefficient space, for small r), ``"matrix_free"`` (without momentum: Lanczos on
+            symmetric r x r matrices; with momentum: the reduced (w_t, w_t) problem of
+            :func:`_momentum_rate`, Newton on lambda with warm-started Lanczos; both in
+            factor form, r x r blocks of memory) or ``"auto"``.
         tol: relative tolerance of the matrix-free eigensolver.
 
     Returns:
