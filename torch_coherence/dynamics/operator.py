@@ -490,6 +490,12 @@ def _momentum_rate(
             lam = rb + 2.0 * (lam - rb)
         else:
             lam = 0.5 * (lo + hi)
+    warnings.warn(
+        f"mean_square_rate: the momentum root search did not reach tol = {tol:g} in 100 "
+        f"steps; returning rho(T) ~ {lam:.10g} (bracket [{lo:.10g}, {hi:.10g}])",
+        RuntimeWarning,
+        stacklevel=4,
+    )
     return lam
 
 
