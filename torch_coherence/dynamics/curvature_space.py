@@ -5,10 +5,11 @@ complement of V = range(H_1) + ... + range(H_m) and maps V into itself (docs/the
 linearized dynamics can be studied on V alone, whose dimension r is at most m C (C rows per
 factor), however large the parameter count d is.
 
-With factors A_i (C x d, H_i = A_i^T A_i) and the block Gram K = A A^T = U diag(lam) U^T,
-Q = A^T U_+ diag(lam_+)^(-1/2) is an orthonormal basis of V, and the coefficient factors are
+With factors A_i (C x d, H_i = A_i^T A_i) and the block Gram K = A A^T = F F^T (F of full
+column rank r, from a pivoted Cholesky factorisation), Q = A^T F (F^T F)^(-1) is an
+orthonormal basis of V, and the coefficient factors are
 
-    G_i = A_i Q = K_{i,:} U_+ diag(lam_+)^(-1/2)        (C x r),   h_i = G_i^T G_i = Q^T H_i Q,
+    G_i = A_i Q = F_i        (C x r, block i's rows of F),   h_i = G_i^T G_i = Q^T H_i Q,
 
 computed from K alone. Dense Hessians are reduced the same way through the eigenvectors of
 sum_i H_i. Diagonal Hessians keep their diagonal (the closed forms of the operator and the
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .._validation import check_finite_tensor, default_tol
-from ..linalg import symmetric_eigh
+from ..linalg import lanczos, symmetric_eigh
 
 __all__ = ["CURVATURE_KINDS", "CoefficientCurvature", "as_coefficient_curvature"]
 
@@ -64,6 +65,20 @@ class CoefficientCurvature:
         flat = self.factors.reshape(m * c, r)
         return (flat.T @ flat) / m
 
+    def top_eigenvalue(self) -> float:
+        """lambda_1 of the mean Hessian (0 for an empty range): dense for r <= 64, else
+        Lanczos on v -> F^T (F v) / m (relative accuracy 1e-10 on the value)."""
+        m, c, r = self.factors.shape
+        if r == 0:
+            return 0.0
+        if r <= 64:
+            return float(torch.linalg.eigvalsh(self.mean_hessian())[-1])
+        flat = self.factors.reshape(m * c, r)
+        start = flat.square().sum(0).sqrt()  # column norms: weight on the curved directions
+        res = lanczos(lambda v: flat.T @ (flat @ v) / m, start, tol=1e-10, max_iter=300,
+                      stop="value")  # fmt: skip
+        return float(res.value)
+
 
 def _range_tol(top: float, size: int, rel: float = 1e-13) -> float:
     """Eigenvalues at or below this are round-off: the direction is not in the range."""
@@ -71,19 +86,50 @@ def _range_tol(top: float, size: int, rel: float = 1e-13) -> float:
 
 
 def _from_gram(K: torch.Tensor, m: int, C: int, kind: str, rel: float) -> CoefficientCurvature:
+    """Coefficient factors from the block Gram by pivoted Cholesky (LAPACK ``dpstrf``).
+
+    P^T K P = L L^T with L (m C x r) lower trapezoidal, stopped when every remaining pivot
+    (diagonal of the Schur complement) is at most the range tolerance: F = P L satisfies
+    F F^T = K up to the dropped Schur complement S, and G_i = F_i (block i's rows) are
+    coefficient factors in the orthonormal basis Q = A^T F (F^T F)^(-1) of V
+    (Q^T Q = I and A_i Q = F_i when F F^T = K). S (the (m C - r)^2 trailing block, cheap to
+    form) is checked: an eigenvalue below -tol means K is not PSD; its norm bounds what
+    was dropped. About 10x cheaper than the eigendecomposition of K.
+    """
+    import numpy as np
+    from scipy.linalg import lapack
+
     Kf = K.reshape(m * C, m * C)
     atol = max(rel, 1e-10) * float(Kf.abs().max()) + 1e-300
-    if not torch.allclose(Kf, Kf.T, rtol=0.0, atol=atol):
+    if float((Kf - Kf.T).abs().max()) > atol:
         raise ValueError("gram must be symmetric (K_ij = A_i A_j^T)")
     Kf = 0.5 * (Kf + Kf.T)
-    lam, U = symmetric_eigh(Kf)
-    top = float(lam[-1]) if lam.numel() else 0.0
-    if lam.numel() and float(lam[0]) < -max(rel, 1e-9) * max(top, 1e-300):
-        raise ValueError(f"gram must be positive semidefinite, smallest eigenvalue {float(lam[0])}")
-    keep = lam > _range_tol(top, m * C, rel)
-    Up, lp = U[:, keep], lam[keep]
-    G = Up * lp.sqrt()  # = K U_+ diag(lam_+)^(-1/2), since K U_+ = U_+ diag(lam_+)
-    return CoefficientCurvature(G.reshape(m, C, -1), m, int(keep.sum()), None, kind)
+    size = m * C
+    diag = torch.diagonal(Kf)
+    scale = float(diag.max()) if size else 0.0
+    if float(diag.min()) < -max(rel, 1e-9) * max(scale, 1e-300):
+        raise ValueError(
+            f"gram must be positive semidefinite, negative diagonal {float(diag.min())}"
+        )
+    if scale <= 0.0:
+        return CoefficientCurvature(torch.zeros(m, C, 0, dtype=F64), m, 0, None, kind)
+    tol = _range_tol(scale, size, rel)
+    a = Kf.numpy()
+    L, piv, rank, info = lapack.dpstrf(a, tol=tol, lower=1)
+    if info < 0:
+        raise ValueError(f"pivoted Cholesky of the gram failed (LAPACK info {info})")
+    piv = piv - 1
+    Lk = np.tril(L)[:, :rank]
+    rest = piv[rank:]
+    if rest.size:
+        S = a[np.ix_(rest, rest)] - Lk[rank:] @ Lk[rank:].T
+        low = float(np.linalg.eigvalsh(0.5 * (S + S.T))[0])
+        if low < -max(rel, 1e-9) * scale * size:
+            raise ValueError(f"gram must be positive semidefinite, smallest eigenvalue about {low}")
+    F = np.empty((size, rank))
+    F[piv] = Lk
+    G = torch.from_numpy(F)
+    return CoefficientCurvature(G.reshape(m, C, rank), m, int(rank), None, kind)
 
 
 def _from_hessians(H: torch.Tensor, rel: float) -> CoefficientCurvature:

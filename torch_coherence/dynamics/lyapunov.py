@@ -84,7 +84,7 @@ measures the calls a probe makes on a 64-example probe Gram (C = 10, r = 576).
 The critical values :func:`critical_lr_typical` and :func:`critical_batch_size_typical` use
 *common random numbers*: every evaluation reuses the same seed, so the batches and starts
 are identical and gamma_hat(eta) is a continuous function of eta that a root finder can
-solve (batched rounds of guarded regula falsi for eta, bisection for B); the band where
+solve (batched rounds of guarded interpolation for eta, bisection for B); the band where
 gamma_hat -+ 2 stderr changes sign is reported next to the root.
 """
 
@@ -536,7 +536,8 @@ def _monte_carlo(
     the mean log growth after ``burn_in``, i.e. (1/K) log(||w_steps|| / ||w_burn_in||).
     A run whose state becomes exactly 0 gives -inf. Propagation is in :data:`MC_DTYPE`
     (the log growths are summed in float64); should a norm overflow it, the evaluation is
-    repeated in float64. ``make_apply(dtype)`` gives the step's product in that dtype.
+    repeated in float64. ``make_apply(dtype)`` gives the space the runs are propagated in
+    (:class:`_CoefficientSpace`) in that dtype.
     """
     for dtype in dict.fromkeys((MC_DTYPE, F64)):
         out = _monte_carlo_run(make_apply(dtype), r, m, n, lrs, batch_size, sampling, beta, steps,
@@ -546,8 +547,29 @@ def _monte_carlo(
     raise ArithmeticError("lyapunov_exponent: the norm of a run overflowed float64")
 
 
+class _CoefficientSpace:
+    """Runs propagated as coefficient vectors w (R, L, r): w' = w - eta sum_i s_i h_i P w."""
+
+    def __init__(self, apply):
+        self.apply = apply
+
+    def start(self, W: torch.Tensor, Wp: torch.Tensor | None):
+        return W, Wp
+
+    def step(self, state, wt: torch.Tensor, neg_lr: torch.Tensor, beta: float):
+        W, Wp = state
+        Wn = torch.addcmul(W, neg_lr, self.apply(wt, W))
+        if beta:
+            Wn += beta * (W - Wp)
+            nrm = (Wn.square().sum(2) + W.square().sum(2)).sqrt_()
+        else:
+            nrm = torch.linalg.vector_norm(Wn, dim=2)
+        inv = nrm.reciprocal().unsqueeze(2)
+        return (Wn * inv, W * inv if beta else None), nrm
+
+
 def _monte_carlo_run(
-    apply, r, m, n, lrs, batch_size, sampling, beta, steps, burn_in, repeats, seed, cache,
+    space, r, m, n, lrs, batch_size, sampling, beta, steps, burn_in, repeats, seed, cache,
     dtype,
 ) -> list[tuple[float, float]] | None:  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
@@ -571,20 +593,11 @@ def _monte_carlo_run(
     scale = batches.scale.to(dtype)
     neg_lr = -torch.tensor(lrs, dtype=dtype).view(1, L, 1)
     norms = torch.empty(steps, repeats, L, dtype=dtype)
+    state = space.start(W, Wp)
     k = 0
     for counts in chunks:
-        for cnt in counts.to(dtype):
-            Wn = torch.addcmul(W, neg_lr, apply(cnt * scale, W))
-            if beta:
-                Wn += beta * (W - Wp)
-                nrm = (Wn.square().sum(2) + W.square().sum(2)).sqrt_()
-            else:
-                nrm = torch.linalg.vector_norm(Wn, dim=2)
-            norms[k] = nrm
-            inv = nrm.reciprocal().unsqueeze(2)
-            if beta:
-                Wp = W * inv
-            W = Wn * inv
+        for wt in counts.to(dtype) * scale:  # step weights N_i w_i / B, one chunk at once
+            state, norms[k] = space.step(state, wt, neg_lr, beta)
             k += 1
     if bool(torch.isinf(norms).any()):
         return None  # a norm overflowed the propagation dtype (then 0 and NaN would follow)
@@ -638,7 +651,7 @@ class _Problem:
         """lambda_1 of the mean Hessian (in the common eigenbasis when it commutes)."""
         if self.joint is not None:
             return float(np.max(self.joint[1]))
-        return float(torch.linalg.eigvalsh(self.cc.mean_hessian())[-1])
+        return self.cc.top_eigenvalue()
 
     def exact(self, lr: float, batch_size: float) -> tuple[float, str] | None:
         if self.cc.rank == 0:
@@ -663,11 +676,12 @@ class _Problem:
                             self._cache)  # fmt: skip
 
     def _apply_in(self, dtype: torch.dtype):
-        """The step's product in ``dtype`` (built once per dtype)."""
+        """The space the runs are propagated in, in ``dtype`` (built once per dtype)."""
         if self._apply is None:
             self._apply = {}
         if dtype not in self._apply:
-            self._apply[dtype] = _make_apply(self.cc, self.joint, self.q, dtype)[0]
+            apply = _make_apply(self.cc, self.joint, self.q, dtype)[0]
+            self._apply[dtype] = _CoefficientSpace(apply)
         return self._apply[dtype]
 
 
@@ -886,8 +900,12 @@ def _se(e: LyapunovEstimate) -> float:
 
 
 #: Largest factor by which the search for a typical critical learning rate widens the
-#: first bracket around the full-batch GD limit, each way (as 60 doublings did before).
-_EXPAND_LIMIT = 2.0**60
+#: first bracket around the full-batch GD limit, each way: a root more than 4^12 (about
+#: 1.7e7) away from it is reported as 0.0 or inf.
+_EXPAND_LIMIT = 4.0**12
+
+#: Factors of 2 by which one round of the bracket search widens at once (batched).
+_WIDEN_BATCH = 4
 
 
 class _LrSearch:
@@ -896,15 +914,18 @@ class _LrSearch:
     Every round collects the learning rates that all unresolved roots need and evaluates
     them in one batched Monte-Carlo run (:meth:`_Cached.many`).
 
-    1. Bracket: start from eta0 / 2, eta0, 2 eta0 and widen by factors of 4 (down while
-       g_z > 0 everywhere, up while g_z <= 0 everywhere) until some pair of neighbouring
-       points has g_z(a) <= 0 < g_z(b); of several such pairs the one nearest eta0 is kept.
-       None found within :data:`_EXPAND_LIMIT`: inf (g_z <= 0 everywhere) or 0.0.
-    2. Refine: regula falsi on log eta with guards: the interpolated root x and the two
-       points x / (1 + t), x (1 + t), t = rel_tol / 2.5, are evaluated, so that a good
-       interpolation closes the bracket to a ratio below 1 + rel_tol in one round; a round
-       that does not halve the bracket (in log) adds its geometric midpoint (bisection
-       safeguard). Stops when b / a - 1 <= rel_tol.
+    1. Bracket: start from eta0 / 2, eta0, 2 eta0 and widen by factors of 2 (down while
+       g_z > 0 everywhere, up while g_z <= 0 everywhere; :data:`_WIDEN_BATCH` factors per
+       round) until some pair of neighbouring points has g_z(a) <= 0 < g_z(b); of several
+       such pairs the one nearest eta0 is kept. None found within :data:`_EXPAND_LIMIT`:
+       inf (g_z <= 0 everywhere) or 0.0.
+    2. Refine: interpolation on log eta (quadratic through the bracket and the nearest other
+       evaluated point, :meth:`_interpolate`; linear without one) with guards: the two
+       points x / (1 + t), x (1 + t) around the interpolated root x, t = rel_tol / 2.2, are
+       evaluated, so that a good interpolation closes the bracket to a ratio below
+       1 + rel_tol in one round; when the previous round did not halve the bracket (in log)
+       the two points that split it in three (geometrically) are added (trisection
+       safeguard, at least a third per round). Stops when b / a - 1 <= rel_tol.
 
     The central root (z = 0) is solved first; the others start from its linear prediction
     (:meth:`_predictions`). The answer is the interpolated root inside the final bracket
@@ -913,7 +934,7 @@ class _LrSearch:
 
     def __init__(self, gam: _Cached, eta0: float, zs: tuple[float, ...], rel_tol: float):
         self.gam, self.eta0, self.zs, self.rel_tol = gam, eta0, zs, rel_tol
-        self.t = rel_tol / 2.5
+        self.t = rel_tol / 2.2  # (1 + t)^2 < 1 + rel_tol: two guards close the bracket
 
     def g(self, z: float, x: float) -> float:
         e = self.gam.memo[x]
@@ -926,21 +947,48 @@ class _LrSearch:
             return None
         return min(pairs, key=lambda p: abs(math.log(math.sqrt(p[0] * p[1]) / self.eta0)))
 
-    def _widen(self, z: float) -> float | None:
-        """The next point of the bracket search for z, or None when it is exhausted."""
+    def _widen(self, z: float) -> list[float] | None:
+        """The next points of the bracket search for z (the next :data:`_WIDEN_BATCH`
+        factors of 2 beyond the evaluated range, all in one round), or None when the search
+        is exhausted."""
         xs = sorted(self.gam.memo)
         if all(self.g(z, x) > 0 for x in xs):
-            nxt = xs[0] / 4.0
-            return nxt if nxt >= self.eta0 / _EXPAND_LIMIT else None
-        nxt = xs[-1] * 4.0
-        return nxt if nxt <= self.eta0 * _EXPAND_LIMIT else None
+            nxt = [xs[0] / 2.0**k for k in range(1, _WIDEN_BATCH + 1)]
+            nxt = [x for x in nxt if x >= self.eta0 / _EXPAND_LIMIT * (1 - 1e-12)]
+        else:
+            nxt = [xs[-1] * 2.0**k for k in range(1, _WIDEN_BATCH + 1)]
+            nxt = [x for x in nxt if x <= self.eta0 * _EXPAND_LIMIT * (1 + 1e-12)]
+        return nxt or None
 
     def _interpolate(self, z: float, a: float, b: float) -> float:
+        """The root inside the bracket [a, b] of the interpolant in u = log eta: the
+        quadratic through (a, b) and the evaluated point nearest to the bracket when there
+        is one (it has exactly one root in [a, b], g_z changing sign there), else linear."""
         ga, gb = self.g(z, a), self.g(z, b)
         if not (math.isfinite(ga) and math.isfinite(gb)) or gb == ga:
             return math.sqrt(a * b)
         frac = min(max(ga / (ga - gb), 0.0), 1.0)
-        return a * (b / a) ** frac
+        out = [x for x in self.gam.memo if (x < a or x > b) and math.isfinite(self.g(z, x))]
+        if not out:
+            return a * (b / a) ** frac
+        c = min(out, key=lambda x: abs(math.log(x / math.sqrt(a * b))))
+        ua, ub, uc, gc = math.log(a), math.log(b), math.log(c), self.g(z, c)
+        # Newton form g = ga + s1 (u - ua) + s2 (u - ua) (u - ub)
+        s1 = (gb - ga) / (ub - ua)
+        s2 = ((gc - ga) / (uc - ua) - s1) / (uc - ub)
+        # in t = u - ua: s2 t^2 + (s1 - s2 (ub - ua)) t + ga = 0
+        qa, qb, w = s2, s1 - s2 * (ub - ua), ub - ua
+        roots = [frac * w] if abs(qa) * w < 1e-12 * abs(qb) else None
+        if roots is None:
+            disc = qb * qb - 4.0 * qa * ga
+            if disc < 0:
+                return a * (b / a) ** frac
+            sq = math.sqrt(disc)
+            roots = [(-qb + sq) / (2 * qa), (-qb - sq) / (2 * qa)]
+        inside = [t for t in roots if 0.0 <= t <= w]
+        if not inside:
+            return a * (b / a) ** frac
+        return math.exp(ua + min(inside, key=lambda t: abs(t - frac * w)))
 
     def solve(self) -> list[float]:
         """The roots for every z: the central one (z = 0) first, then the others seeded
@@ -994,17 +1042,17 @@ class _LrSearch:
                         all_neg = all(self.g(z, x) <= 0 for x in self.gam.memo)
                         result[z] = math.inf if all_neg else 0.0
                     else:
-                        need.append(nxt)
+                        need += nxt
                     continue
                 a, b = br
                 if b / a - 1.0 <= self.rel_tol:
                     result[z] = self._interpolate(z, a, b)
                     continue
                 x = self._interpolate(z, a, b)
-                cand = [x / (1.0 + self.t), x, x * (1.0 + self.t)]
+                cand = [x / (1.0 + self.t), x * (1.0 + self.t)]
                 width = math.log(b / a)
-                if z in last and width > 0.5 * last[z]:
-                    cand.append(math.sqrt(a * b))
+                if z in last and width > 0.5 * last[z]:  # trisection safeguard
+                    cand += [a * (b / a) ** (1 / 3), a * (b / a) ** (2 / 3)]
                 last[z] = width
                 need += [c for c in cand if a < c < b]
                 if not any(a < c < b for c in cand):
@@ -1052,9 +1100,10 @@ def critical_lr_typical(
     search round are evaluated together in one batched Monte-Carlo run (each gets exactly
     the estimate :func:`lyapunov_exponent` gives it alone, up to rounding). Starting from
     the full-batch GD limit eta_GD = 2 (1 + beta) / (lambda_1 (1 + (rho/alpha) lambda_1)),
-    a bracket is found (eta_GD / 2, eta_GD, 2 eta_GD, then widened by factors of 4) and
-    closed by guarded regula falsi on log eta to relative width ``rel_tol`` (usually two or
-    three rounds of two or three learning rates; see :class:`_LrSearch`). With ``band``
+    a bracket is found (eta_GD / 2, eta_GD, 2 eta_GD, then widened by factors of 2, four per
+    round, up to 4^12 each way) and closed by guarded quadratic interpolation on log eta
+    with a trisection safeguard to relative width ``rel_tol`` (see :class:`_LrSearch`). A
+    root more than 4^12 from eta_GD is reported as 0.0 or inf. With ``band``
     the same is done, in the same rounds, for gamma_hat + 2 stderr and gamma_hat - 2 stderr,
     whose roots are ``lr_low`` and ``lr_high``: the standard error's effect on the answer
     (they mostly fall inside brackets the central root needs anyway); ``band=False``
@@ -1064,11 +1113,10 @@ def critical_lr_typical(
     result is never below :func:`critical_lr_exact` (up to the estimator's error). ``inf``
     for zero curvature.
 
-    Cost (``benchmarks/bench_dynamics.py``): on a 64-example probe Gram of a digits MLP
-    (C = 10, r = 576) with a probe's protocol (200 steps, 4 repeats, rel_tol 2e-2) the
-    central root took 8 learning rates in 3 batched runs, with the band 19 in 6 (the band's
-    roots are seeded with their linear prediction from the central one): pass
-    ``band=False`` when only ``lr`` is used.
+    Cost: on a 64-example probe Gram (C = 10, r = 576) with a probe's protocol (200 steps,
+    4 repeats, rel_tol 2e-2) the central root takes 2-4 batched runs of 4-12 learning rates
+    in all; the band needs more: pass ``band=False`` when only ``lr`` is used (timings:
+    ``benchmarks/bench_dynamics.py``, docs/reproducing.md).
     ``stderr`` is interpolated between the evaluated neighbours of the root. Arguments as
     in :func:`lyapunov_exponent`.
     """

@@ -277,44 +277,226 @@ def _self_adjoint_rate(
     return float(res.value)
 
 
+def _pair_coefficients(mu: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""(ell, qq) with 1 - kappa_ab(eta) = eta ell_ab - eta^2 qq_ab, entrywise over pairs (a, b).
+
+    In the eigenbasis of H (eigenvalues mu; SAM folded in, :func:`_symmetrised`) the mean
+    part of T acts on the pair (a, b) of a second moment through the 4 x 4 matrix
+    A_a (x) A_b, A_a = [[c_a, -beta], [1, 0]], c_a = 1 + beta - eta mu_a (on
+    (w_t, w_{t-1}); without momentum the 1 x 1 j_a j_b). Solving x = e_0 + (A_a (x) A_b) x
+    for the (w_t, w_t) entry x_0 = phi_ab = sum_k (A_a^k)_00 (A_b^k)_00 gives
+    phi_ab = 1 / (1 - kappa_ab) with
+
+        kappa_ab = c_a c_b + beta^2 - beta (c_a^2 + c_b^2 - 2 beta c_a c_b) / (1 - beta^2),
+
+    a quadratic in eta that equals 1 at eta = 0:
+    ell_ab = (1 - beta) (mu_a + mu_b),
+    qq_ab = ((1 + beta^2) mu_a mu_b - beta (mu_a^2 + mu_b^2)) / (1 - beta^2)
+    (beta = 0: ell = mu_a + mu_b, qq = mu_a mu_b, i.e. 1 - j_a j_b). phi_ab is finite while
+    every direction is stable (eta mu_max < 2 (1 + beta)) and positive near eta = 0, so
+    1 - kappa_ab > 0 on that whole interval (it cannot cross 0 without phi_ab diverging).
+    """
+    ms, mm = mu[:, None] + mu[None, :], torch.outer(mu, mu)
+    sq = mu[:, None] ** 2 + mu[None, :] ** 2
+    return (1.0 - beta) * ms, ((1.0 + beta**2) * mm - beta * sq) / (1.0 - beta**2)
+
+
+def _top_generalized(
+    weight: torch.Tensor,
+    apply: Callable[[torch.Tensor], torch.Tensor],
+    rel_tol: float,
+    start: torch.Tensor | None = None,
+) -> tuple[float, torch.Tensor]:
+    """(lambda_max, unit eigenvector as a symmetric r x r matrix) of W^(-1/2) N W^(-1/2) on
+    symmetric matrices, W entrywise > 0 and N self-adjoint in the trace inner product.
+
+    Lanczos on the packed upper triangle (off-diagonal entries times sqrt(2), so that the
+    Euclidean inner product of packed vectors is tr(X Y)): half the memory of full r x r
+    vectors for its basis. Default start W^(1/2) I; pass the previous eigenvector for a
+    warm start.
+    """
+    r = weight.shape[0]
+    root = weight.rsqrt()
+    iu, ju = torch.triu_indices(r, r)
+    scale = torch.full(iu.shape, math.sqrt(2.0), dtype=F64)  # float64: an exact isometry
+    scale[iu == ju] = 1.0
+
+    def unpack(v: torch.Tensor) -> torch.Tensor:
+        X = torch.zeros(r, r, dtype=F64)
+        X[iu, ju] = v / scale
+        X[ju, iu] = v / scale
+        return X
+
+    def matvec(v: torch.Tensor) -> torch.Tensor:
+        Y = root * apply(root * unpack(v))
+        return 0.5 * (Y[iu, ju] + Y[ju, iu]) * scale
+
+    if start is None:
+        start = torch.diag(torch.diagonal(weight).sqrt())
+    res = lanczos(matvec, start[iu, ju] * scale, tol=max(rel_tol, 1e-15),
+                  max_iter=min(r * (r + 1) // 2, 500), stop="value")  # fmt: skip
+    return float(res.value), unpack(res.vector)
+
+
 def _critical_lr_self_adjoint(
-    cc: CoefficientCurvature, a: float, b: float, q: float, rel_tol: float
+    cc: CoefficientCurvature, a: float, b: float, q: float, rel_tol: float, beta: float = 0.0
 ) -> float | None:
-    r"""The exact mean-square critical learning rate without momentum, as one eigenproblem.
+    r"""The exact mean-square critical learning rate as one eigenproblem (momentum beta).
 
-    In the symmetrised eigenbasis (:func:`_symmetrised`),
-    T(eta) = I - eta L + eta^2 N with L(M) = (mu_a + mu_b) M_ab (entrywise, positive
-    definite: mu > 0 on the coefficient space) and
-    N(M) = (1 - b) mu_a mu_b M_ab + (a/m) sum_i h_i M h_i, both self-adjoint in the trace
-    inner product. rho(T) is the largest eigenvalue of T (module docstring), so
-    rho(T) >= 1 iff max_M <M, (eta^2 N - eta L) M> >= 0 iff eta mu_max >= 1, where
-    mu_max = max_M <M, N M> / <M, L M> is the top eigenvalue of L^(-1/2) N L^(-1/2):
+    T = B + N splits into the mean part B (pairwise 4 x 4 blocks, :func:`_pair_coefficients`)
+    and the noise N(X) = eta^2 ((a/m) sum_i h_i X h_i - b H X H), which only reads and writes
+    the (w_t, w_t) block X. Both are positive maps; for rho(B) < 1, rho(B + N) < 1 iff
+    rho((I - B)^(-1) N) < 1 (regular splitting on the PSD cone), and on the (w_t, w_t)
+    block (I - B)^(-1) N is X -> phi (.) N(X), phi_ab > 0. Its spectral radius is below 1 iff
+    eta^2 N_1 < Phi^(-1) = eta ell - eta^2 qq as self-adjoint maps on symmetric matrices
+    (N_1 = N / eta^2), i.e. iff eta (qq + N_1) < ell:
 
-        eta_c = 1 / mu_max,   rho(T) < 1 for every eta < eta_c and >= 1 above.
+        eta_c = 1 / mu_max,  mu_max = lambda_max(L^(-1/2) (qq + N_1) L^(-1/2)),
 
-    So rho(T) = 1 has exactly one positive root, found by one Lanczos run (relative
-    accuracy ``rel_tol`` on mu_max, hence on eta_c) instead of a bisection over rho(T).
-    None (the caller then bisects) when mu_max <= 0 (a sampling whose noise is not a
-    covariance, B < 1) or when round-off left an eigenvalue of H at 0.
+    L(X) = ell (.) X. rho(T) < 1 for every eta < eta_c and >= 1 above: one Lanczos run
+    (relative accuracy ``rel_tol``) instead of a search over rho(T). eta_c is below the
+    full-batch limit 2 (1 + beta) / mu_max(H) automatically (there 1 - kappa_aa = 0 while
+    N_1 >= 0 on e_a e_a^T). Without momentum ell = mu_a + mu_b and qq = mu_a mu_b.
+    None (the caller then bisects) when mu_max <= 0 or round-off left an eigenvalue of H at 0.
     """
     G, mu = _symmetrised(cc, q)
     if float(mu.min()) <= 0.0:  # round-off left H singular on V: L is not invertible
         return None
-    m, _, r = G.shape
-    root = (mu[:, None] + mu[None, :]).rsqrt()  # L^(-1/2), entrywise
-    hh = torch.outer(mu, mu) * (1.0 - b)
+    m = G.shape[0]
+    ell, qq = _pair_coefficients(mu, beta)
+    qq = qq - b * torch.outer(mu, mu)
     noise = _noise_product(G)
-
-    def matvec(v: torch.Tensor) -> torch.Tensor:
-        X = v.reshape(r, r)
-        M = root * (0.5 * (X + X.T))
-        return (root * (hh * M + (a / m) * noise(M))).reshape(-1)
-
-    start = torch.diag((2.0 * mu).sqrt())  # L^(1/2) I: the fixed point of T at eta = 0
-    res = lanczos(matvec, start.reshape(-1), tol=max(rel_tol, 1e-15),
-                  max_iter=min(r * (r + 1) // 2, 500), stop="value")  # fmt: skip
-    top = float(res.value)
+    top = _top_generalized(ell, lambda M: qq * M + (a / m) * noise(M), rel_tol)[0]
     return 1.0 / top if top > 0 else None
+
+
+def _critical_batch_self_adjoint(
+    cc: CoefficientCurvature, lr: float, n: int, sampling: str, q: float, beta: float,
+    rel_tol: float,
+) -> float | None:  # fmt: skip
+    r"""The exact mean-square critical batch size as one eigenproblem.
+
+    With eta fixed, the noise is eta^2 a(B) N_x with N_x(X) = mean_i h_i X h_i (Bernoulli)
+    or mean_i h_i X h_i - H X H (without replacement, a = b), and a(B) decreases in B
+    (:func:`sampling_coefficients`). As in :func:`_critical_lr_self_adjoint`, rho(T) < 1 iff
+    every direction is stable (D = eta ell - eta^2 qq > 0 entrywise) and
+    eta^2 a(B) N_x < D, i.e. a(B) < a* = 1 / (eta^2 lambda_max(D^(-1/2) N_x D^(-1/2))).
+    Bernoulli: a = 1/B - 1/n, so B_c = 1 / (a* + 1/n); without replacement:
+    a = (n - B) / (B (n - 1)), so B_c = n / (1 + a* (n - 1)). ``inf`` when D is not positive
+    (no batch size helps: the full batch diverges), None when H is singular on V.
+    """
+    G, mu = _symmetrised(cc, q)
+    if float(mu.min()) <= 0.0:
+        return None
+    ell, qq = _pair_coefficients(mu, beta)
+    D = lr * ell - lr * lr * qq
+    if float(D.min()) <= 0.0:
+        return math.inf
+    m = G.shape[0]
+    noise = _noise_product(G)
+    mm = torch.outer(mu, mu)
+    cov = sampling == "without_replacement"
+
+    def apply(M: torch.Tensor) -> torch.Tensor:
+        out = noise(M) / m
+        return out - mm * M if cov else out
+
+    top = lr * lr * _top_generalized(D, apply, rel_tol)[0]
+    if top <= 0.0 or (cov and n == 1):
+        return 0.0
+    a_star = 1.0 / top
+    if cov:
+        return n / (1.0 + a_star * (n - 1))
+    return 1.0 / (a_star + 1.0 / n)
+
+
+def _momentum_rate(
+    cc: CoefficientCurvature, lr: float, a: float, b: float, beta: float, q: float, tol: float
+) -> float:
+    r"""rho(T) with heavy-ball momentum from the reduced (w_t, w_t) problem, matrix-free.
+
+    T = B + N as in :func:`_critical_lr_self_adjoint`, with B the mean step (pairwise
+    4 x 4 blocks A_a (x) A_b in the eigenbasis of H, A_a = [[c_a, -beta], [1, 0]],
+    c_a = 1 + beta - eta mu_a) and N the noise on the (w_t, w_t) block. For lambda above
+    rho(B) = max_a rho(A_a)^2, lambda is an eigenvalue of T with PSD eigenvector iff 1 is the
+    top eigenvalue of (lambda - B)^(-1) N, which on the (w_t, w_t) block is X -> phi (.) N(X)
+    with 1 / phi_ab = W_ab(lambda), solving lambda x = e_0 + (A_a (x) A_b) x:
+
+        W = lambda - c_a c_b - beta^2 / lambda
+            + beta (lambda (c_a^2 + c_b^2) - 2 beta c_a c_b) / (lambda^2 - beta^2),
+
+    positive for lambda > rho(B). theta(lambda) = lambda_max(W^(-1/2) N W^(-1/2)) decreases
+    in lambda (positive maps), so rho(T) is the root of theta = 1 (rho(B) when theta <= 1
+    just above rho(B)). Safeguarded Newton on 1 / theta - 1 with
+    d theta / d lambda = -theta <u, (dW/dlambda) (.) u>, u = W^(-1/2) v for the unit Lanczos
+    vector v (generalized-eigenvalue perturbation), each theta by warm-started Lanczos
+    (factor-form noise, O(m C r^2) per product, r x r blocks of memory: never the
+    (2 r)^2 x (2 r)^2 matrix nor the per-sample 2 r x 2 r Jacobians).
+    """
+    G, mu = _symmetrised(cc, q)
+    m = G.shape[0]
+    c = 1.0 + beta - lr * mu
+    disc = c * c - 4.0 * beta
+    rad = torch.where(disc >= 0, 0.5 * (c.abs() + disc.clamp_min(0).sqrt()),
+                      torch.full_like(c, math.sqrt(beta)))  # fmt: skip
+    rb = float(rad.max()) ** 2
+    if a == 0.0 and b == 0.0:  # no noise (B = n): T = A (x) A
+        return rb
+    p, s2 = torch.outer(c, c), c[:, None] ** 2 + c[None, :] ** 2
+    mm = torch.outer(mu, mu)
+    noise = _noise_product(G)
+    ca, cb = lr * lr * a / m, lr * lr * b
+
+    def apply(M: torch.Tensor) -> torch.Tensor:
+        out = ca * noise(M)
+        return out - cb * (mm * M) if cb else out
+
+    def weight(lam: float) -> torch.Tensor:
+        return lam - p - beta**2 / lam + beta * (lam * s2 - 2 * beta * p) / (lam**2 - beta**2)
+
+    def slope(lam: float) -> torch.Tensor:
+        d = lam**2 - beta**2
+        return 1 + beta**2 / lam**2 + beta * (4 * beta * p * lam - s2 * (lam**2 + beta**2)) / d**2
+
+    vec = None
+
+    def g(lam: float) -> tuple[float, float]:
+        """(1/theta - 1, its derivative) at lambda."""
+        nonlocal vec
+        W = weight(lam)
+        theta, vec = _top_generalized(W, apply, 0.1 * tol, vec)
+        if theta <= 0.0:
+            return math.inf, 0.0
+        u = vec * W.rsqrt()
+        dtheta = -theta * float((slope(lam) * u * u).sum())
+        return 1.0 / theta - 1.0, -dtheta / theta**2
+
+    lo, hi = rb, math.inf  # g(lo) < 0 (or lo = rho(B)), g(hi) > 0
+    lam = 1.0 if rb < 1.0 else 2.0 * rb
+    for _ in range(100):
+        val, der = g(lam)
+        if val < 0:
+            lo = lam
+        else:
+            hi = lam
+        step = lam - val / der if der > 0 and math.isfinite(val) else math.nan
+        if math.isfinite(step) and abs(step - lam) <= tol * lam and lo < step <= hi * (1 + tol):
+            return step
+        if math.isfinite(hi) and (hi - lo <= tol * hi or hi - rb <= tol * max(rb, 1e-300)):
+            return 0.5 * (lo + hi)
+        if math.isfinite(step) and lo < step < hi:
+            lam = step
+        elif math.isinf(hi):
+            lam = rb + 2.0 * (lam - rb)
+        else:
+            lam = 0.5 * (lo + hi)
+    warnings.warn(
+        f"mean_square_rate: the momentum root search did not reach tol = {tol:g} in 100 "
+        f"steps; returning rho(T) ~ {lam:.10g} (bracket [{lo:.10g}, {hi:.10g}])",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return lam
 
 
 def _critical_lr_diagonal(D: torch.Tensor, a: float, b: float, q: float) -> float:
@@ -353,6 +535,8 @@ def _rate(
         return _diagonal_rate(used, lr, a, b, beta, q)
     if method == "matrix_free" and beta == 0.0:
         return _self_adjoint_rate(cc, lr, a, b, q, tol)
+    if method == "matrix_free" and cc.rank > 1:
+        return _momentum_rate(cc, lr, a, b, beta, q, tol)
     A, L, w = _operator_parts(cc, lr, a, b, beta, q)
     if method == "dense" or A.shape[0] ** 2 <= 3:
         return _dense_rate(A, L, w)
@@ -392,8 +576,10 @@ def mean_square_rate(
         sam_alpha: SAM normaliser alpha > 0 (1 for unnormalised SAM).
         kind: curvature form, see :func:`as_coefficient_curvature`.
         method: ``"closed_form"`` (diagonal curvature), ``"dense"`` (Kronecker matrix on the
-            coefficient space, for small r), ``"matrix_free"`` (Arnoldi on symmetric
-            matrices, scipy ``eigs``) or ``"auto"``.
+            coefficient space, for small r), ``"matrix_free"`` (without momentum: Lanczos on
+            symmetric r x r matrices; with momentum: the reduced (w_t, w_t) problem of
+            :func:`_momentum_rate`, Newton on lambda with warm-started Lanczos; both in
+            factor form, r x r blocks of memory) or ``"auto"``.
         tol: relative tolerance of the matrix-free eigensolver.
 
     Returns:
@@ -451,19 +637,20 @@ def critical_lr_exact(
 ) -> float:
     """Learning rate eta at which rho(T) = 1: the exact mean-square critical learning rate.
 
-    Without momentum (SGD and SAM, both samplings) this is one eigenproblem, not a search:
-    T(eta) = I - eta L + eta^2 N with self-adjoint L > 0 and N, so rho(T) = 1 has the single
-    root eta_c = 1 / lambda_max(L^(-1/2) N L^(-1/2)) (derivation in
-    :func:`_critical_lr_self_adjoint`), solved by Lanczos to relative accuracy ``rel_tol``
-    (closed form for diagonal curvature). Measured on a 64-example probe Gram of a digits
-    MLP (C = 10, r = 576, one thread): about 2 s (``benchmarks/bench_dynamics.py``).
+    One eigenproblem, not a search, for SGD, SAM and heavy-ball momentum with both samplings:
+    rho(T) < 1 iff eta (Q + N_1) < L as self-adjoint maps on symmetric matrices, with L and Q
+    entrywise multipliers from the pairwise mean step and N_1 the noise map (derivation in
+    :func:`_critical_lr_self_adjoint`), so rho(T) = 1 has the single root
+    eta_c = 1 / lambda_max(L^(-1/2) (Q + N_1) L^(-1/2)), solved by Lanczos to relative
+    accuracy ``rel_tol`` (closed form for diagonal curvature without momentum). Measured on
+    a 64-example probe Gram of a digits MLP (C = 10, r = 576, one thread): see
+    ``benchmarks/bench_dynamics.py`` and docs/reproducing.md.
 
-    With momentum the bracket is (0, eta_GD] with eta_GD the full-batch GD limit
-    2 (1 + beta) / (lambda_1 (1 + (rho/alpha) lambda_1)) (docs/theory.md §4): at eta_GD the
-    mean part alone has rho(J kron J) >= 1 and T dominates it on the PSD cone, while
-    rho(T) < 1 for small eta. Bisection to relative tolerance ``rel_tol``, each rho(T) to
-    a tenth of it; a :class:`NonMonotoneRateWarning` is issued when rho(T) crosses 1 more
-    than once on a 17-point grid of the bracket. ``inf`` for zero curvature.
+    Fallback (the mean Hessian singular on the coefficient space through round-off): bisection
+    on (0, eta_GD], eta_GD = 2 (1 + beta) / (lambda_1 (1 + (rho/alpha) lambda_1)) the
+    full-batch GD limit (docs/theory.md §4), to relative tolerance ``rel_tol`` (at least
+    1e-9), each rho(T) to a tenth of it, with a :class:`NonMonotoneRateWarning` when rho(T)
+    crosses 1 more than once on a 17-point grid of the bracket. ``inf`` for zero curvature.
     """
     cc, _, b, n, sampling = _validate(curvature, 1.0, batch_size, n, sampling, kind)
     beta = check_momentum(momentum)
@@ -472,17 +659,17 @@ def critical_lr_exact(
     if cc.rank == 0:
         return math.inf
     a, bb = sampling_coefficients(b, n, sampling)
-    if beta == 0.0:
-        if cc.diagonal is not None:
-            used = cc.diagonal[:, cc.diagonal.max(0).values > 0]
-            return _critical_lr_diagonal(used, a, bb, q)
-        eta = _critical_lr_self_adjoint(cc, a, bb, q, rel_tol)
-        if eta is not None:
-            return eta
+    if beta == 0.0 and cc.diagonal is not None:
+        used = cc.diagonal[:, cc.diagonal.max(0).values > 0]
+        return _critical_lr_diagonal(used, a, bb, q)
+    eta = _critical_lr_self_adjoint(cc, a, bb, q, rel_tol, beta)
+    if eta is not None:
+        return eta
     lam = float(torch.linalg.eigvalsh(cc.mean_hessian())[-1])
     hi = 2.0 * (1.0 + beta) / (lam * (1.0 + q * lam)) * (1.0 + 1e-9)
     lo = hi * 1e-9
-    inner = max(0.1 * rel_tol, 1e-12)  # the eigensolver need not beat the bisection
+    outer = max(rel_tol, 1e-9)
+    inner = 0.1 * outer  # the eigensolver need not beat the bisection
 
     def f(eta: float) -> float:
         return _rate(cc, eta, b, n, sampling, beta, q, "auto", inner)
@@ -492,7 +679,7 @@ def critical_lr_exact(
     if _rate(cc, lo, b, n, sampling, beta, q, "auto", 1e-12) >= 1.0:
         return lo
     _check_monotone(f, lo * 1e6, hi, "lr", log=True)
-    return _bisect_crossing(f, lo, hi, log=True, rel_tol=rel_tol)
+    return _bisect_crossing(f, lo, hi, log=True, rel_tol=outer)
 
 
 def critical_batch_size_exact(
@@ -509,20 +696,28 @@ def critical_batch_size_exact(
 ) -> float:
     """Batch size B at which rho(T) = 1: smaller batches diverge in mean square.
 
-    The noise coefficients decrease in B for both samplings, so rho(T) is expected to
-    decrease in B; bisection runs over the continuous B in [1, n] (the formulas are continuous
-    in B). Returns ``inf`` when even B = n (full batch) has rho(T) >= 1 (no batch size helps)
-    and 0.0 when rho(T) < 1 already at B = 1 (no batch size diverges).
-    Warns (:class:`NonMonotoneRateWarning`) if rho(T) crosses 1 more than once on the bracket.
+    One eigenproblem (:func:`_critical_batch_self_adjoint`): the noise is eta^2 a(B) N_x with
+    a(B) decreasing in B, and rho(T) < 1 iff a(B) < a* = 1 / (eta^2 lambda_max(D^(-1/2) N_x
+    D^(-1/2))), D the entrywise mean-step multiplier; the B with a(B) = a* is returned
+    (continuous in B, relative accuracy ``rel_tol`` on a*). Returns ``inf`` when even B = n
+    (full batch) has rho(T) >= 1 (no batch size helps) and 0.0 when rho(T) < 1 already at
+    B = 1 (no batch size diverges). Fallback (mean Hessian singular on the coefficient space
+    through round-off): bisection over B in [1, n] to relative tolerance ``rel_tol`` (at
+    least 1e-9), with a :class:`NonMonotoneRateWarning` if rho(T) crosses 1 more than once.
     """
     cc, lr, _, n, sampling = _validate(curvature, lr, 1.0, n, sampling, kind)
     beta = check_momentum(momentum)
     q = _sam_q(sam_rho, sam_alpha)
+    rel_tol = check_positive("rel_tol", rel_tol)
     if cc.rank == 0:
         return 0.0
+    bc = _critical_batch_self_adjoint(cc, lr, n, sampling, q, beta, rel_tol)
+    if bc is not None:
+        return 0.0 if bc <= 1.0 else bc
+    outer = max(rel_tol, 1e-9)
 
     def g(bs: float) -> float:
-        return _rate(cc, lr, bs, n, sampling, beta, q, "auto", 1e-12)
+        return _rate(cc, lr, bs, n, sampling, beta, q, "auto", 0.1 * outer)
 
     hi, lo = float(n), 1.0
     if g(hi) >= 1.0:
@@ -531,4 +726,4 @@ def critical_batch_size_exact(
         return 0.0
     _check_monotone(lambda x: 2.0 - g(x), lo, hi, "batch_size", log=True)
     # g decreasing: find B with g(B) = 1 via h = 2 - g increasing
-    return _bisect_crossing(lambda x: 2.0 - g(x), lo, hi, log=True, rel_tol=rel_tol)
+    return _bisect_crossing(lambda x: 2.0 - g(x), lo, hi, log=True, rel_tol=outer)
