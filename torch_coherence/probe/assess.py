@@ -39,8 +39,9 @@ __all__ = [
 
 #: Probe examples (the first ones) on which gamma and the typical critical learning rate
 #: are computed, and the Monte-Carlo settings (:func:`torch_coherence.lyapunov_exponent`):
-#: on the digits MLP (64 examples, C = 10) gamma costs 0.1 s and the typical critical
-#: learning rate 1.0 s on one CPU thread, against 0.03 s for the curvature itself.
+#: on a digits MLP probe (64 examples, C = 10) gamma costs 0.08 s and the typical critical
+#: learning rate 0.34 s on one CPU thread (``docs/reproducing.md``, "Cost of the dynamics
+#: computations").
 LYAPUNOV_SAMPLES = 64
 LYAPUNOV_SETTINGS = {"steps": 200, "repeats": 4}
 TYPICAL_LR_REL_TOL = 2e-2
@@ -367,8 +368,8 @@ def _lyapunov_metrics(
         out["stability/lyapunov"] = float(g.value)
         out["stability/lyapunov_stderr"] = float(g.stderr) if math.isfinite(g.stderr) else 0.0
         try:
-            # only the central root is logged: no band search (4.4x instead of 2.6x cheaper
-            # than before the batched search, benchmarks/bench_dynamics.py)
+            # only the central root is logged: no band search (0.40 s against 0.61 s with
+            # it, benchmarks/bench_dynamics.py)
             c = critical_lr_typical(
                 cc, batch_size, n, rel_tol=TYPICAL_LR_REL_TOL, band=False, **common
             )
