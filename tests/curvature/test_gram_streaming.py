@@ -91,8 +91,9 @@ def test_sketch_sink_projects_layer_by_layer_unbiased_and_keeps_the_gradient_row
 
 
 def test_streamed_fallback_rows_of_a_float32_model_give_the_same_gram(monkeypatch):
-    """Fallback rows kept in float32 and upcast by sample blocks: the numbers of the
-    unstreamed path (which converts all rows to float64 at once)."""
+    """Fallback rows kept in float32, their Gram taken in float32 by sample blocks and summed
+    in float64: the unstreamed path's numbers (rows converted to float64 first) to float32
+    rounding."""
     monkeypatch.setattr(gram, "ROW_BLOCK_BYTES", 3000)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
@@ -105,4 +106,5 @@ def test_streamed_fallback_rows_of_a_float32_model_give_the_same_gram(monkeypatc
     ref = gram_factors(model, x, B, params, force="fallback").full()
     got = gram_factors(model, x, B, params, force="fallback", accumulate=True).full()
     assert got.dtype == torch.float64
-    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))
+    err = float((got - ref).abs().max() / ref.abs().max())
+    assert 0 < err < 1e-6  # float32 products (not the float64 ones), within float32 rounding

@@ -56,6 +56,7 @@ from .._validation import (
     check_probe_inputs,
     check_probe_model,
     check_targets,
+    default_tol,
     embedding_id_guard,
     forward_error,
 )
@@ -445,11 +446,14 @@ def measure_curvature(
             if not torch.isfinite(gram).all():
                 bad = (~torch.isfinite(gram)).flatten(1).any(1).nonzero().flatten().tolist()
                 raise FloatingPointError(f"non-finite curvature at probe samples {bad[:20]}")
-            stats = coherence_from_gram(gram, eig_method=eig_method)
+            # K carries the rounding of the model's dtype (factor products in that dtype)
+            psd = default_tol(out.dtype if out.dtype.is_floating_point else torch.float64)
+            stats = coherence_from_gram(gram, eig_method=eig_method, psd_tol=psd)
             ggn = stats.sharpness
         else:
             chunk = chunk_size if chunk_size is not None else max(1, BLOCK_ROWS // R)
-            stats, ggn = _stats_large(facs_g, chunk, eig_method, 1e-10, seed)
+            lanczos_tol = 1e-10 if out.dtype == torch.float64 else 1e-7
+            stats, ggn = _stats_large(facs_g, chunk, eig_method, lanczos_tol, seed)
         noise, grad_sq = _noise_scale(facs_p, chunk_size or BLOCK_ROWS)
         hess = None
         vec = None
