@@ -108,3 +108,55 @@ def test_streamed_fallback_rows_of_a_float32_model_give_the_same_gram(monkeypatc
     assert got.dtype == torch.float64
     err = float((got - ref).abs().max() / ref.abs().max())
     assert 0 < err < 1e-6  # float32 products (not the float64 ones), within float32 rounding
+
+
+class _WideConv(nn.Module):
+    """Convolutions whose rows (o k) are smaller than their output gradients (T o): both are
+    built pass by pass from each row's output gradient, never stored (m, R, T, o)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 2)
+        self.grouped = nn.Conv2d(4, 4, 2, groups=2, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.grouped(torch.tanh(self.conv(x))))
+        return self.head(torch.tanh(h).mean((2, 3)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("force", [None, "materialise", "ghost"])
+def test_rows_built_pass_by_pass_equal_the_dense_gram(force, dtype, monkeypatch):
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = _WideConv().eval().to(dtype)
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2)
+    loss = nn.CrossEntropyLoss()
+    x = torch.randn(M, 2, 9, 9, generator=gen).to(dtype)
+    y = make_targets(loss, M, 3, gen)
+    A = dense_ggn(model.double(), x.double(), y, loss)
+    model.to(dtype)
+    Kref = torch.einsum("irp,jsp->irjs", A, A)
+    B = output_curvature(loss, model(x), y).sqrt
+    streamed = []
+    orig = gram._row_streams
+
+    def spy(*args, **kwargs):
+        out = orig(*args, **kwargs)
+        streamed.extend(type(s.mod).__name__ for s in out.values())
+        return out
+
+    monkeypatch.setattr(gram, "_row_streams", spy)
+    for accumulate in (False, True):
+        facs = gram_factors(
+            model, x, B, dict(model.named_parameters()), force=force, accumulate=accumulate
+        )
+        err = float((facs.full() - Kref).abs().max() / Kref.abs().max())
+        assert err < (1e-12 if dtype == torch.float64 else 2e-6), err
+        assert facs.notes.fallback == {} and facs.notes.check_error < 1e-3
+    expected = ["BatchNorm2d"] + ([] if force == "ghost" else ["Conv2d", "Conv2d"])
+    assert sorted(set(streamed)) == sorted(set(expected)) and len(streamed) == 2 * len(expected)

@@ -518,23 +518,105 @@ def _user_name(name: str) -> str:
     return name.removeprefix("model.") if name != "model" else "(the model)"
 
 
+class _RowStream:
+    """Per-sample rows of one module call built pass by pass from each row's output gradient,
+    so that the (m, R, ...) output gradients of the call are never stored.
+
+    Used where the rows are smaller than the output gradients: rules that return rows (the
+    affine parameters of a norm layer: 2 P numbers per sample and row against T P), and layers
+    that are materialised anyway with o k < T o (the first convolutions of a CNN).
+    """
+
+    def __init__(self, cov: _Covered, mod: nn.Module, call: _Call, R: int, rows: bool) -> None:
+        self.cov, self.mod, self.call, self.R, self.rule_rows = cov, mod, call, R, rows
+        self.bufs: list[torch.Tensor] | None = None
+
+    def __call__(self, r: int, g: torch.Tensor) -> None:
+        cov = self.cov
+        pieces = cov.rule.pieces(self.mod, self.call.x, g.unsqueeze(0), cov.weight, cov.bias)
+        if self.rule_rows:
+            rows = [p.rows for p in pieces]
+        else:
+            rows = [t for p in pieces for t in _materialise(p.d, p.a, p.ones)]
+        if self.bufs is None:
+            self.bufs = [t.new_empty(t.shape[0], self.R, *t.shape[2:]) for t in rows]
+        for buf, t in zip(self.bufs, rows, strict=True):
+            buf[:, r] = t[:, 0]
+
+    def pieces(self) -> list[Piece]:
+        return [Piece(rows=t) for t in self.bufs or []]
+
+
+def _row_streams(
+    calls: list[tuple[nn.Module, _Call]],
+    covered: dict[nn.Module, _Covered],
+    records: dict[nn.Module, list[_Call]],
+    m: int,
+    R: int,
+    force: str | None,
+    accumulate: bool,
+) -> dict[int, _RowStream]:
+    """The calls whose rows are built pass by pass (:class:`_RowStream`), by call index.
+
+    Decided from the rule's pieces of one sample and a zero output gradient: a module called
+    once, whose pieces are all rows, or all materialised (by the cost model or ``force``)
+    with fewer row entries than output-gradient entries per sample (and, when streaming, at
+    most :data:`ROW_BLOCK_BYTES` of rows).
+    """
+    out: dict[int, _RowStream] = {}
+    for k, (mod, call) in enumerate(calls):
+        batched = call.x.dim() > 0 and call.x.shape[0] == m and call.out.shape[0] == m
+        if force == "fallback" or not batched or len(records[mod]) != 1 or call.out.dim() < 2:
+            continue
+        cov = covered[mod]
+        g0 = call.out.new_zeros((1, 1, *call.out.shape[1:]))
+        probe = cov.rule.pieces(mod, call.x[:1], g0, cov.weight, cov.bias)
+        if not probe:
+            continue
+        if all(p.rows is not None for p in probe):
+            out[k] = _RowStream(cov, mod, call, R, rows=True)
+            continue
+        if force == "ghost" or any(p.rows is not None or p.index for p in probe):
+            continue
+        size = 0
+        for p in probe:
+            T, o, kk = p.d.shape[2], p.d.shape[3], p.a.shape[2]
+            if force != "materialise" and _ghost_cheaper(T, kk, o, R, m):
+                size = -1
+                break
+            size += o * (kk + p.ones)
+        fits = not accumulate or m * R * size * call.out.element_size() <= ROW_BLOCK_BYTES
+        if 0 < size < call.out[0].numel() and fits:
+            out[k] = _RowStream(cov, mod, call, R, rows=False)
+    return out
+
+
 def _output_gradients(
-    out: torch.Tensor, outs: list[torch.Tensor], sqrt: Any, R: int
+    out: torch.Tensor,
+    outs: list[torch.Tensor],
+    sqrt: Any,
+    R: int,
+    streams: dict[int, _RowStream],
 ) -> list[torch.Tensor | None]:
     """The gradients of every recorded output for the R cotangents, each (R, *shape) as a view
     of one buffer laid out (n, R, ...) (sample axis first), filled pass by pass: no list of
-    R tensors to stack, and the rows of a sample are contiguous for the rules' products."""
-    bufs = []
-    for o in outs:
-        buf = (
-            o.new_empty((R, *o.shape)) if o.dim() == 0 else o.new_empty(o.shape[0], R, *o.shape[1:])
-        )
-        bufs.append(buf if o.dim() == 0 else buf.transpose(0, 1))
+    R tensors to stack, and the rows of a sample are contiguous for the rules' products.
+    Outputs in ``streams`` get no buffer: each pass's gradient goes to the stream (None)."""
+    bufs: list[torch.Tensor | None] = []
+    for j, o in enumerate(outs):
+        if j in streams:
+            bufs.append(None)
+        elif o.dim() == 0:
+            bufs.append(o.new_empty((R,)))
+        else:
+            bufs.append(o.new_empty(o.shape[0], R, *o.shape[1:]).transpose(0, 1))
     for r in range(R if outs else 0):
         cot = column(sqrt, r).to(out.dtype).reshape(out.shape)
         gs = torch.autograd.grad(out, outs, cot, retain_graph=True, allow_unused=True)
-        for buf, g in zip(bufs, gs, strict=True):
-            if g is None:
+        for j, (buf, g) in enumerate(zip(bufs, gs, strict=True)):
+            if buf is None:
+                streams[j](r, torch.zeros_like(outs[j]) if g is None else g)
+            elif g is None:
                 buf[r].zero_()
             else:
                 buf[r].copy_(g)
@@ -671,8 +753,10 @@ def gram_factors(
             outputs_check(flat)
         labels = {mod: _user_name(name) for name, mod in fwd.named_modules()}
         live = [mod for mod in covered if mod not in bad and mod in records]
-        outs = [c.out for mod in live for c in records[mod]]
-        grads = _output_gradients(out, outs, sqrt, R)
+        calls = [(mod, c) for mod in live for c in records[mod]]
+        outs = [c.out for _, c in calls]
+        streams = _row_streams(calls, covered, records, m, R, force, accumulate)
+        grads = _output_gradients(out, outs, sqrt, R, streams)
         checker = SelfCheck(out, sqrt, selected, check, seed, m, R) if check and selected else None
 
         def refit(names: list[str]) -> dict[str, torch.Tensor]:
@@ -692,7 +776,12 @@ def gram_factors(
                 batched = call.x.dim() > 0 and call.x.shape[0] == m and call.out.shape[0] == m
                 g = grads[k]
                 grads[k] = None  # freed with this module's factors
-                pieces = cov.rule.pieces(mod, call.x, g, cov.weight, cov.bias) if batched else None
+                if k in streams:
+                    pieces = streams.pop(k).pieces()
+                elif batched:
+                    pieces = cov.rule.pieces(mod, call.x, g, cov.weight, cov.bias)
+                else:
+                    pieces = None
                 for piece in pieces or ():
                     piece.key = call.tag
                 per_call.append(pieces)
