@@ -111,8 +111,9 @@ def test_streamed_fallback_rows_of_a_float32_model_give_the_same_gram(monkeypatc
 
 
 class _WideConv(nn.Module):
-    """Convolutions whose rows (o k) are smaller than their output gradients (T o): both are
-    built pass by pass from each row's output gradient, never stored (m, R, T, o)."""
+    """Convolutions whose rows (o k) are smaller than their output gradients (T o): over the
+    memory budget, both are built from blocks of rows' output gradients as the passes go,
+    never stored (m, R, T, o); the norm layer's rows always are."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -126,9 +127,12 @@ class _WideConv(nn.Module):
         return self.head(torch.tanh(h).mean((2, 3)))
 
 
+@pytest.mark.parametrize("block_bytes", [1, 2**30], ids=["row_by_row", "all_rows"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("force", [None, "materialise", "ghost"])
-def test_rows_built_pass_by_pass_equal_the_dense_gram(force, dtype, monkeypatch):
+def test_rows_built_pass_by_pass_equal_the_dense_gram(force, dtype, block_bytes, monkeypatch):
+    monkeypatch.setattr(gram, "GRAD_STORE_BYTES", 0)  # stream every layer that can be
+    monkeypatch.setattr(gram, "STREAM_BLOCK_BYTES", block_bytes)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     model = _WideConv().eval().to(dtype)

@@ -86,7 +86,7 @@ class _Ghost:
 GHOST_BLOCK_ELEMS = 2**24
 
 
-def _sym_gram(A: torch.Tensor, block: int = 256) -> torch.Tensor:
+def _sym_gram(A: torch.Tensor, block: int = 128) -> torch.Tensor:
     """A A^T for A (n, P), computing only the blocks on and above the diagonal."""
     n = A.shape[0]
     if n <= 2 * block:
@@ -518,22 +518,46 @@ def _user_name(name: str) -> str:
     return name.removeprefix("model.") if name != "model" else "(the model)"
 
 
+#: Bytes of output gradients all layers may store at once before materialised layers build
+#: their rows pass by pass instead (:class:`_RowStream`; slower for small layers: smaller
+#: products, the input patches rebuilt per row block).
+GRAD_STORE_BYTES = 2**30
+
+#: Bytes of one call's output gradients a :class:`_RowStream` collects before building rows.
+STREAM_BLOCK_BYTES = 64 * 2**20
+
+
 class _RowStream:
-    """Per-sample rows of one module call built pass by pass from each row's output gradient,
-    so that the (m, R, ...) output gradients of the call are never stored.
+    """Per-sample rows of one module call built from blocks of rows' output gradients as the
+    passes deliver them, so that the (m, R, ...) output gradients of the call are never stored.
 
     Used where the rows are smaller than the output gradients: rules that return rows (the
-    affine parameters of a norm layer: 2 P numbers per sample and row against T P), and layers
-    that are materialised anyway with o k < T o (the first convolutions of a CNN).
+    affine parameters of a norm layer: 2 P numbers per sample and row against T P), and,
+    when all layers' output gradients would exceed :data:`GRAD_STORE_BYTES`, layers that are
+    materialised anyway with o k < T o (the first convolutions of a ResNet).
     """
 
     def __init__(self, cov: _Covered, mod: nn.Module, call: _Call, R: int, rows: bool) -> None:
         self.cov, self.mod, self.call, self.R, self.rule_rows = cov, mod, call, R, rows
         self.bufs: list[torch.Tensor] | None = None
+        self.pending: list[torch.Tensor] = []
+        self.block = max(
+            1, STREAM_BLOCK_BYTES // max(1, call.out.numel() * call.out.element_size())
+        )
+        self.start = 0
 
     def __call__(self, r: int, g: torch.Tensor) -> None:
+        self.pending.append(g)
+        if len(self.pending) == self.block or r == self.R - 1:
+            self._flush()
+
+    def _flush(self) -> None:
         cov = self.cov
-        pieces = cov.rule.pieces(self.mod, self.call.x, g.unsqueeze(0), cov.weight, cov.bias)
+        g = torch.stack(self.pending)
+        n = len(self.pending)
+        self.pending = []
+        pieces = cov.rule.pieces(self.mod, self.call.x, g, cov.weight, cov.bias)
+        del g
         if self.rule_rows:
             rows = [p.rows for p in pieces]
         else:
@@ -541,7 +565,8 @@ class _RowStream:
         if self.bufs is None:
             self.bufs = [t.new_empty(t.shape[0], self.R, *t.shape[2:]) for t in rows]
         for buf, t in zip(self.bufs, rows, strict=True):
-            buf[:, r] = t[:, 0]
+            buf[:, self.start : self.start + n] = t
+        self.start += n
 
     def pieces(self) -> list[Piece]:
         return [Piece(rows=t) for t in self.bufs or []]
@@ -556,14 +581,17 @@ def _row_streams(
     force: str | None,
     accumulate: bool,
 ) -> dict[int, _RowStream]:
-    """The calls whose rows are built pass by pass (:class:`_RowStream`), by call index.
+    """The calls whose rows are built as the passes go (:class:`_RowStream`), by call index.
 
-    Decided from the rule's pieces of one sample and a zero output gradient: a module called
-    once, whose pieces are all rows, or all materialised (by the cost model or ``force``)
-    with fewer row entries than output-gradient entries per sample (and, when streaming, at
-    most :data:`ROW_BLOCK_BYTES` of rows).
+    Decided from the rule's pieces of one sample and a zero output gradient, for modules
+    called once: always where the pieces are all rows; for pieces all materialised (by the
+    cost model or ``force``) with fewer row entries than output-gradient entries per sample
+    (and, when streaming, at most :data:`ROW_BLOCK_BYTES` of rows), largest saving first
+    until the stored output gradients fit :data:`GRAD_STORE_BYTES`.
     """
     out: dict[int, _RowStream] = {}
+    stored = sum(c.out.numel() * c.out.element_size() for _, c in calls) * R
+    savings = []
     for k, (mod, call) in enumerate(calls):
         batched = call.x.dim() > 0 and call.x.shape[0] == m and call.out.shape[0] == m
         if force == "fallback" or not batched or len(records[mod]) != 1 or call.out.dim() < 2:
@@ -575,6 +603,7 @@ def _row_streams(
             continue
         if all(p.rows is not None for p in probe):
             out[k] = _RowStream(cov, mod, call, R, rows=True)
+            stored -= call.out.numel() * call.out.element_size() * R
             continue
         if force == "ghost" or any(p.rows is not None or p.index for p in probe):
             continue
@@ -587,7 +616,14 @@ def _row_streams(
             size += o * (kk + p.ones)
         fits = not accumulate or m * R * size * call.out.element_size() <= ROW_BLOCK_BYTES
         if 0 < size < call.out[0].numel() and fits:
-            out[k] = _RowStream(cov, mod, call, R, rows=False)
+            saved = (call.out[0].numel() - size) * m * R * call.out.element_size()
+            savings.append((saved, k))
+    for saved, k in sorted(savings, reverse=True):
+        if stored <= GRAD_STORE_BYTES:
+            break
+        mod, call = calls[k]
+        out[k] = _RowStream(covered[mod], mod, call, R, rows=False)
+        stored -= saved
     return out
 
 
@@ -634,7 +670,10 @@ def _materialise(d: torch.Tensor, a: torch.Tensor, ones: bool) -> list[torch.Ten
     """Per-sample rows sum_t d_t a_t^T (m, R, o k), and the bias rows sum_t d_t (m, R, o)."""
     m, R, T, o = d.shape
     dt = d.transpose(2, 3).reshape(m, R * o, T)
-    out = [torch.bmm(dt, a).reshape(m, R, -1)]
+    if a.shape[2] < 64:  # a narrow input (a first convolution): the product the other way round
+        out = [torch.bmm(a.transpose(1, 2), dt.transpose(1, 2)).transpose(1, 2).reshape(m, R, -1)]
+    else:
+        out = [torch.bmm(dt, a).reshape(m, R, -1)]
     if ones:
         out.append(dt.sum(2).reshape(m, R, o))
     return out

@@ -82,6 +82,11 @@ from .losses import (
 #: blocks, at the same speed (``benchmarks/bench_curvature.py``, part a).
 DENSE_LIMIT = 1024
 
+#: Under ``eig_method="auto"``, lambda_1(K) of a formed K with more rows than this comes from
+#: Lanczos (products with K, float64) rather than a dense eigendecomposition: on the CNN of
+#: ``benchmarks/bench_scale.py`` (m R = 640) ``eigvalsh`` took 15% of the engine.
+DENSE_EIG_MAX = 256
+
 #: Rows (m R) per block of the blockwise path: blocks of at most 512 x 512 (2.1 MB).
 BLOCK_ROWS = 512
 
@@ -448,7 +453,10 @@ def measure_curvature(
                 raise FloatingPointError(f"non-finite curvature at probe samples {bad[:20]}")
             # K carries the rounding of the model's dtype (factor products in that dtype)
             psd = default_tol(out.dtype if out.dtype.is_floating_point else torch.float64)
-            stats = coherence_from_gram(gram, eig_method=eig_method, psd_tol=psd)
+            method = eig_method
+            if method == "auto" and m * R > DENSE_EIG_MAX:  # Lanczos on K: ~50 products
+                method = "lanczos"
+            stats = coherence_from_gram(gram, eig_method=method, psd_tol=psd)
             ggn = stats.sharpness
         else:
             chunk = chunk_size if chunk_size is not None else max(1, BLOCK_ROWS // R)
