@@ -46,6 +46,7 @@ Lanczos on :math:`\lambda_1(K)`), e.g. for a ghost layer
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,7 +130,10 @@ def _ghost_pair(
         if g.ones:
             aa += 1
     if T == 1:
-        dd = (dI.reshape(ni * R, o) @ dJ.reshape(nj * R, o).T).view(ni, R, nj, R)
+        if dI is dJ:
+            dd = _sym_gram(dI.reshape(ni * R, o)).view(ni, R, nj, R)
+        else:
+            dd = (dI.reshape(ni * R, o) @ dJ.reshape(nj * R, o).T).view(ni, R, nj, R)
         return dd.mul_(aa.view(ni, 1, nj, 1))
     lhs = aa.permute(2, 0, 1, 3).reshape(nj, ni * T, T)
     rhs = dJ.permute(0, 2, 1, 3).reshape(nj, T, R * o)
@@ -146,6 +150,8 @@ def _ghost_gram(g: _Ghost, I: slice, J: slice) -> torch.Tensor:  # noqa: E741
     nj = dJ.shape[0]
     step = max(1, int((GHOST_BLOCK_ELEMS / (T * max(R, 1) * o)) ** 0.5))
     if ni <= step and nj <= step:
+        if I == J:
+            return _ghost_pair(dI, aI, dI, aI, g)
         return _ghost_pair(dI, aI, dJ, aJ, g)
     out = torch.empty(ni, R, nj, R, dtype=dI.dtype, device=dI.device)
     sym = I == J
@@ -190,6 +196,7 @@ class GramFactors:
     row_labels: list[str] = field(default_factory=list)  # the block of each rows entry
     notes: EngineNotes = field(default_factory=EngineNotes)
     dense: torch.Tensor | None = None  # (m, R, m, R): blocks already summed into K
+    dense_label: str = ""  # the block ``dense`` holds, when it holds one block only
 
     def extend(self, part: GramFactors) -> None:
         """Take over ``part``'s factors."""
@@ -201,7 +208,8 @@ class GramFactors:
 
     def absorb(self, part: GramFactors) -> None:
         """Add ``part``'s whole Gram to :attr:`dense` (its factors can then be freed)."""
-        K = part.full()
+        only_dense = part.dense is not None and not part.ghosts and not part.rows
+        K = part.dense if only_dense else part.full()
         self.dense = K if self.dense is None else self.dense.add_(K)
 
     def block(self, I: slice, J: slice) -> torch.Tensor:  # noqa: E741
@@ -210,16 +218,17 @@ class GramFactors:
         R = self.R
         ni = len(range(self.m)[I])
         nj = len(range(self.m)[J])
-        K = torch.zeros(ni, R, nj, R, dtype=torch.float64)
-        for g in self.ghosts:
-            K += _ghost_gram(g, I, J)
-        for rows in self.rows:
-            K += _rows_gram(rows, I, J)
+        terms = (_ghost_gram(g, I, J) for g in self.ghosts)
+        terms = itertools.chain(terms, (_rows_gram(rows, I, J) for rows in self.rows))
+        K = None
+        for term in terms:
+            K = term.to(torch.float64, copy=True) if K is None else K.add_(term)
+        if K is not None and I == J:  # products in the factors' dtype: made exactly symmetric
+            Kf = K.view(ni * R, ni * R)
+            K = torch.add(Kf, Kf.T).mul_(0.5).view(ni, R, ni, R)
         if self.dense is not None:
-            K += self.dense[I, :, J, :]
-        if I == J and (self.ghosts or self.rows):  # lower-precision products: exactly symmetric
-            K = K.add_(K.permute(2, 3, 0, 1).clone()).mul_(0.5)
-        return K
+            K = self.dense[I, :, J, :].clone() if K is None else K.add_(self.dense[I, :, J, :])
+        return torch.zeros(ni, R, nj, R, dtype=torch.float64) if K is None else K
 
     def full(self) -> torch.Tensor:
         """All of K, (m, R, m, R)."""
@@ -271,6 +280,8 @@ class GramFactors:
 
     def replace(self, label: str, rows: torch.Tensor) -> None:
         """Drop every entry of block ``label`` and add ``rows`` (m, R, P) in its place."""
+        if self.dense_label == label:
+            self.dense = None
         self.ghosts = [g for g in self.ghosts if g.label != label]
         keep = [i for i, lab in enumerate(self.row_labels) if lab != label]
         self.rows = [self.rows[i] for i in keep] + [rows]
@@ -802,7 +813,12 @@ def gram_factors(
             return _fallback_rows(fwd, inputs, sqrt, {k: selected[k] for k in names}, chunk)
 
         def take(part: GramFactors, label: str, names: list[str], can_refit: bool) -> None:
-            """Check one block while its factors exist, then hand it on (kept/summed/sketched)."""
+            """Check one block while its factors exist, then hand it on (kept/summed/sketched).
+
+            Streamed, the block's Gram is formed first and the check runs on it (products
+            with the (m R)^2 block instead of the factors; it checks the assembly too)."""
+            if checker is not None and consume == facs.absorb:
+                part = GramFactors(m=m, R=R, notes=facs.notes, dense=part.full(), dense_label=label)
             if checker is not None:
                 checker.check(part, label, names, refit if can_refit else None)
             consume(part)
