@@ -164,3 +164,26 @@ def test_rows_built_pass_by_pass_equal_the_dense_gram(force, dtype, block_bytes,
         assert facs.notes.fallback == {} and facs.notes.check_error < 1e-3
     expected = ["BatchNorm2d"] + ([] if force == "ghost" else ["Conv2d", "Conv2d"])
     assert sorted(set(streamed)) == sorted(set(expected)) and len(streamed) == 2 * len(expected)
+
+
+@pytest.mark.parametrize("elems", [1, 300], ids=["one_sample_pairs", "small_blocks"])
+@pytest.mark.parametrize("kind", ["cnn", "seq", "embed"])
+def test_ghost_blocks_in_sample_blocks_equal_the_dense_gram(kind, elems, monkeypatch):
+    """Ghost products split into sample blocks (symmetric blocks mirrored) give the same K."""
+    monkeypatch.setattr(gram, "GHOST_BLOCK_ELEMS", elems)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    model = MODELS[kind]().double()
+    loss = nn.CrossEntropyLoss()
+    x = make_inputs(kind, M, gen)
+    y = make_targets(loss, M, 3, gen)
+    A = dense_ggn(model, x, y, loss)
+    Kref = torch.einsum("irp,jsp->irjs", A, A)
+    B = output_curvature(loss, model(x), y).sqrt
+    facs = gram_factors(model, x, B, dict(model.named_parameters()), force="ghost")
+    assert facs.ghosts and any(g.d.shape[2] > 1 for g in facs.ghosts)
+    tol = 1e-10 * float(Kref.abs().max())
+    torch.testing.assert_close(facs.full(), Kref, rtol=0, atol=tol)
+    torch.testing.assert_close(
+        facs.block(slice(1, 4), slice(0, 5)), Kref[1:4, :, 0:5], rtol=0, atol=tol
+    )

@@ -17,6 +17,20 @@ blocks (``docs/theory.md`` §3):
   ``vmap`` over samples of ``vjp``, ``vmap`` over the R cotangents), ``chunk_size`` samples at a
   time; one sample at a time where the model cannot be vmapped over samples.
 
+Precision and memory. Factors (inputs a, output gradients delta, materialised rows) stay in
+the model's dtype and their products are taken in it; K is summed over blocks in float64 and
+made exactly symmetric, and every eigenproblem after it runs in float64. For a float32 model
+that is the rounding the model's own gradients carry: on the case table
+(``tests/curvature/test_cases.py``) K stays within 2e-5 of the float64 jacrev reference.
+The R output gradients of a call are written into one (m, R, ...) buffer per call (no
+per-row list and stack). A ghost block is contracted as :math:`X_{ij} = A_iA_j^\top`,
+:math:`Y_{ij} = X_{ij}D_j`, :math:`K_{ir,js} = \langle D_{ir}, Y_{ij,s}\rangle` in sample
+blocks of bounded size (:data:`GHOST_BLOCK_ELEMS`), never the :math:`(RT)^2` products of
+output gradients. Streamed (``accumulate``), each layer's block is formed, checked and summed
+into K before the next is built; rows of norm layers, and over :data:`GRAD_STORE_BYTES` of
+output gradients those of materialised convolutions with o k < T o, are built from blocks of
+rows as the backward passes deliver them, so those output gradients are never stored.
+
 Assumptions of the layer rules and how each is enforced (a module that violates one goes to the
 fallback, named with the reason in ``notes.fallback``):
 
