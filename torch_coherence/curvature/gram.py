@@ -742,7 +742,8 @@ def _add_pieces(
             or index
             or (force != "materialise" and _ghost_cheaper(T, k_dim, o_dim, R, m))
         )
-        if ghost:
+        if ghost:  # contiguous once, not per block product
+            a, d = a.contiguous(), d.contiguous()
             facs.ghosts.append(_Ghost(a=a, d=d, index=index, label=label, ones=ones))
         elif accumulate and m * R * o_dim * k_dim * d.element_size() > ROW_BLOCK_BYTES:
             K = _blocked_rows_gram(d, a, ones)
