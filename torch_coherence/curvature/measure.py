@@ -235,6 +235,20 @@ def _stats_large(
     return _finish(S2, sample, ggn, eig_method, tol), ggn
 
 
+def _gram_stats(gram: torch.Tensor, dtype: torch.dtype, eig_method: str) -> CoherenceStats:
+    """Coherence statistics of an engine Gram (m, R, m, R) of a model computing in ``dtype``.
+
+    The engine takes factor products in the model's dtype, so K carries that dtype's rounding:
+    the symmetry / PSD checks use its tolerance. Under ``"auto"`` lambda_1(K) of more than
+    :data:`DENSE_EIG_MAX` rows comes from Lanczos (float64 products with K).
+    """
+    psd = default_tol(dtype if dtype.is_floating_point else torch.float64)
+    method = eig_method
+    if method == "auto" and gram.shape[0] * gram.shape[1] > DENSE_EIG_MAX:
+        method = "lanczos"
+    return coherence_from_gram(gram, eig_method=method, psd_tol=psd)
+
+
 def _sigma_full(stats: CoherenceStats, n: int) -> float:
     S = stats.S.to(torch.float64)
     m = S.shape[0]
@@ -451,12 +465,7 @@ def measure_curvature(
             if not torch.isfinite(gram).all():
                 bad = (~torch.isfinite(gram)).flatten(1).any(1).nonzero().flatten().tolist()
                 raise FloatingPointError(f"non-finite curvature at probe samples {bad[:20]}")
-            # K carries the rounding of the model's dtype (factor products in that dtype)
-            psd = default_tol(out.dtype if out.dtype.is_floating_point else torch.float64)
-            method = eig_method
-            if method == "auto" and m * R > DENSE_EIG_MAX:  # Lanczos on K: ~50 products
-                method = "lanczos"
-            stats = coherence_from_gram(gram, eig_method=method, psd_tol=psd)
+            stats = _gram_stats(gram, out.dtype, eig_method)
             ggn = stats.sharpness
         else:
             chunk = chunk_size if chunk_size is not None else max(1, BLOCK_ROWS // R)
