@@ -691,8 +691,14 @@ def _ghost_cheaper(T: int, k: int, o: int, R: int, m: int) -> bool:
     return T == 1 or ghost <= o * k * (1 + T / (m * R))
 
 
+def _work(t: torch.Tensor) -> torch.Tensor:
+    """Factors of a half-precision model are multiplied in float32 (others in their dtype)."""
+    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
+
+
 def _materialise(d: torch.Tensor, a: torch.Tensor, ones: bool) -> list[torch.Tensor]:
     """Per-sample rows sum_t d_t a_t^T (m, R, o k), and the bias rows sum_t d_t (m, R, o)."""
+    d, a = _work(d), _work(a)
     m, R, T, o = d.shape
     dt = d.transpose(2, 3).reshape(m, R * o, T)
     if a.shape[2] < 64:  # a narrow input (a first convolution): the product the other way round
@@ -743,7 +749,7 @@ def _add_pieces(
             or (force != "materialise" and _ghost_cheaper(T, k_dim, o_dim, R, m))
         )
         if ghost:  # contiguous once, not per block product
-            a, d = a.contiguous(), d.contiguous()
+            a, d = _work(a).contiguous(), _work(d).contiguous()
             facs.ghosts.append(_Ghost(a=a, d=d, index=index, label=label, ones=ones))
         elif accumulate and m * R * o_dim * k_dim * d.element_size() > ROW_BLOCK_BYTES:
             K = _blocked_rows_gram(d, a, ones)

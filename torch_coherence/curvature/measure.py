@@ -119,7 +119,10 @@ class CurvatureReport:
         truncation_bound: for ``factors="topk"``, the bound reached on the per-token relative
             error :math:`\|\Lambda_t - B_tB_t^\top\|_2/\|\Lambda_t\|_2` (0.0 otherwise).
         gram: the block Gram (m, R, m, R) when it was formed (m R <= 1024, or
-            ``return_gram=True``), else None.
+            ``return_gram=True``), else None; float64 for a float64 model, else float32
+            (the engine's factor products were taken in float32, so its entries carry
+            float32 rounding, and tools that check it for symmetry and semi-definiteness
+            read that tolerance from its dtype).
         fallback_blocks: parameter or module name -> why its block was computed by the
             ``torch.func`` fallback instead of a layer rule (no rule, a parameter read outside
             its module, an input modified in place, no sample axis, or the self-check).
@@ -242,7 +245,7 @@ def _gram_stats(gram: torch.Tensor, dtype: torch.dtype, eig_method: str) -> Cohe
     the symmetry / PSD checks use its tolerance. Under ``"auto"`` lambda_1(K) of more than
     :data:`DENSE_EIG_MAX` rows comes from Lanczos (float64 products with K).
     """
-    psd = default_tol(dtype if dtype.is_floating_point else torch.float64)
+    psd = default_tol(torch.float64 if dtype == torch.float64 else torch.float32)
     method = eig_method
     if method == "auto" and gram.shape[0] * gram.shape[1] > DENSE_EIG_MAX:
         method = "lanczos"
@@ -467,6 +470,8 @@ def measure_curvature(
                 raise FloatingPointError(f"non-finite curvature at probe samples {bad[:20]}")
             stats = _gram_stats(gram, out.dtype, eig_method)
             ggn = stats.sharpness
+            if out.dtype != torch.float64:  # carries float32 rounding: say so by its dtype
+                gram = gram.to(torch.float32)
         else:
             chunk = chunk_size if chunk_size is not None else max(1, BLOCK_ROWS // R)
             lanczos_tol = 1e-10 if out.dtype == torch.float64 else 1e-7
