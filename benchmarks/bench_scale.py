@@ -666,13 +666,22 @@ def growth(args: argparse.Namespace) -> None:
         for m in ms if w == 1 else [64]:
             r = run_child(f"cnn-w{w}-m{m}", "engine", args)
             if "error" in r:
-                rows.append([str(w), str(m), "-", r["error"], "-"])
+                rows.append([str(w), str(m), "-", r["error"], "-", "-"])
                 continue
-            series[(w, m)] = (r["params"], r["seconds"], max(r["above"], 1.0))
-            rows.append([str(w), str(m), str(r["params"]), fmt(r["seconds"]), f"{r['above']:.0f}"])
+            series[(w, m)] = (r["params"], r["cpu"], max(r["above"], 1.0))
+            rows.append(
+                [
+                    str(w),
+                    str(m),
+                    str(r["params"]),
+                    fmt(r["seconds"]),
+                    fmt(r["cpu"]),
+                    f"{r['above']:.0f}",
+                ]
+            )
     table(
-        "Growth: CNN engine over m (width x1) and width (m = 64)",
-        ["width", "m", "params", "s", "peak above base MiB"],
+        "Growth: CNN engine over m (width x1) and width (m = 64); exponents from CPU seconds",
+        ["width", "m", "params", "s", "CPU s", "peak above base MiB"],
         rows,
     )
     by_m = [(m, *series[(1, m)][1:]) for m in ms if (1, m) in series]
