@@ -15,11 +15,8 @@ from torch_coherence.curvature.losses import output_curvature
 M = 5
 
 
-@pytest.mark.parametrize("force", [None, "ghost", "materialise", "fallback"])
-@pytest.mark.parametrize("kind", sorted(MODELS))
-def test_streamed_gram_equals_dense_gram(kind, force, monkeypatch):
-    monkeypatch.setattr(gram, "FALLBACK_GROUP_BYTES", 1)  # one torch.func pass per parameter
-    monkeypatch.setattr(gram, "ROW_BLOCK_BYTES", 2000)  # materialised rows in sample blocks
+def _reference(kind: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A float64 model of ``kind``, its inputs, B and the dense reference K (jacrev)."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     model = MODELS[kind]().double()
@@ -27,8 +24,16 @@ def test_streamed_gram_equals_dense_gram(kind, force, monkeypatch):
     x = make_inputs(kind, M, gen)
     y = make_targets(loss, M, 3, gen)
     A = dense_ggn(model, x, y, loss)
-    Kref = torch.einsum("irp,jsp->irjs", A, A)
     B = output_curvature(loss, model(x), y).sqrt
+    return model, x, B, torch.einsum("irp,jsp->irjs", A, A)
+
+
+@pytest.mark.parametrize("force", [None, "ghost", "materialise", "fallback"])
+@pytest.mark.parametrize("kind", sorted(MODELS))
+def test_streamed_gram_equals_dense_gram(kind, force, monkeypatch):
+    monkeypatch.setattr(gram, "FALLBACK_GROUP_BYTES", 1)  # one torch.func pass per parameter
+    monkeypatch.setattr(gram, "ROW_BLOCK_BYTES", 2000)  # materialised rows in sample blocks
+    model, x, B, Kref = _reference(kind)
     params = dict(model.named_parameters())
     facs = gram_factors(model, x, B, params, force=force, chunk_size=2, accumulate=True)
     assert facs.ghosts == [] and facs.rows == [] and facs.dense is not None
@@ -171,15 +176,7 @@ def test_rows_built_pass_by_pass_equal_the_dense_gram(force, dtype, block_bytes,
 def test_ghost_blocks_in_sample_blocks_equal_the_dense_gram(kind, elems, monkeypatch):
     """Ghost products split into sample blocks (symmetric blocks mirrored) give the same K."""
     monkeypatch.setattr(gram, "GHOST_BLOCK_ELEMS", elems)
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    model = MODELS[kind]().double()
-    loss = nn.CrossEntropyLoss()
-    x = make_inputs(kind, M, gen)
-    y = make_targets(loss, M, 3, gen)
-    A = dense_ggn(model, x, y, loss)
-    Kref = torch.einsum("irp,jsp->irjs", A, A)
-    B = output_curvature(loss, model(x), y).sqrt
+    model, x, B, Kref = _reference(kind)
     facs = gram_factors(model, x, B, dict(model.named_parameters()), force="ghost")
     assert facs.ghosts and any(g.d.shape[2] > 1 for g in facs.ghosts)
     tol = 1e-10 * float(Kref.abs().max())
