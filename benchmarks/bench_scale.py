@@ -16,12 +16,14 @@ Workloads (all on random data; CIFAR-sized images 3x32x32, no downloads):
   ``factors="mc"`` (4 sampled columns per sequence), ``-topk`` ``factors="topk"``.
 
 For every workload: the engine (``measure_curvature``, GGN sharpness from K, no Hessian
-Lanczos) in seconds and in training steps (SGD, batch 64 -- 64 sequences for the LM --
+Lanczos; median of 3 calls, one call where a call takes over 20 s) in seconds and in
+training steps (SGD, batch 64 -- 64 sequences for the LM --
 forward, backward and step, median of 3 after a warm-up), the peak resident memory above the
 child's baseline (imports, model, data and a warm-up probe on 2 samples), and side by side
 where they run: BackPACK ``SqrtGGNExact`` + ``K = sum V V^T`` (the GGN Gram), curvlinops
 ``GGNLinearOperator`` + ``eigsh`` (the GGN sharpness), ``torch.func`` ``vmap(grad)`` (the
-per-sample gradient Gram, against the engine's gradient Gram from the same layer rules).
+per-sample gradient Gram, against the engine's gradient Gram from the same layer rules, with
+its self-check's two backward passes and without them).
 
 Each measurement runs in its own child interpreter, watched by the parent: above
 ``--mem-gib`` resident memory it is killed and reported "did not fit (> X GiB)", past
@@ -29,10 +31,15 @@ Each measurement runs in its own child interpreter, watched by the parent: above
 Peak memory is ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the child (tracemalloc does
 not see torch's allocations).
 
+Times are given twice: wall seconds, and CPU seconds of the child (``time.process_time``;
+on one thread the time it actually had a core, so far less sensitive to other jobs on a
+shared machine); "steps" is the engine over one training step in the same child, in each.
+
 Growth: the CNN at m = 16 ... 128 and at channel widths x1, x2, x4, with exponents fitted by
 least squares on log-log scales (time ~ m^a). Matmul peak: the best of three 2048 x 2048
-matmuls in float64 and float32 on the same threads; the engine's share of it is the FLOPs
-that ``torch.profiler`` counts in its matmuls and convolutions divided by its wall time.
+matmuls in float64 and float32 on the same threads (CPU seconds); the engine's share of it
+is the FLOPs that ``torch.profiler`` counts in its matmuls and convolutions divided by its
+CPU time (the engine computes a float32 model's factor products in float32).
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/bench_scale.py [--quick] [--threads 1]
 """
@@ -254,15 +261,24 @@ def rss_mib() -> float:
 
 
 def median_time(fn: Callable[[], Any], repeats: int) -> float:
-    times = []
+    return median_times(fn, repeats)[0]
+
+
+def median_times(fn: Callable[[], Any], repeats: int) -> tuple[float, float]:
+    """Median wall seconds and median CPU seconds of this process (``time.process_time``:
+    on one thread, the time the call had a core; far less sensitive to other jobs)."""
+    times, cpus = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        cpus.append(time.process_time() - c0)
+        if sum(times) > 20:  # a slow call (ResNet-18): fewer repeats
+            break
+    return statistics.median(times), statistics.median(cpus)
 
 
-def train_step_seconds(case: Case, model: nn.Module, gen: torch.Generator) -> float:
+def train_step_seconds(case: Case, model: nn.Module, gen: torch.Generator) -> tuple[float, float]:
     x, y = case.inputs(64, gen)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     model.train()
@@ -274,7 +290,7 @@ def train_step_seconds(case: Case, model: nn.Module, gen: torch.Generator) -> fl
         opt.step()
 
     step()
-    seconds = median_time(step, 3)
+    seconds = median_times(step, 3)
     model.eval()
     return seconds
 
@@ -303,12 +319,13 @@ def child_engine(case: Case, profile_flops: bool) -> dict[str, Any]:
 
     probe(2)
     base = rss_mib()
-    t0 = time.perf_counter()
-    rep = probe(case.m)
-    seconds = time.perf_counter() - t0
+    reps = []
+    seconds, cpu = median_times(lambda: reps.append(probe(case.m)), 3)  # 1 call over 20 s
+    rep = reps[0]
     peak = peak_mib()
     res = {
         "seconds": seconds,
+        "cpu": cpu,
         "above": peak - base,
         "base": base,
         "sigma": float(rep.stats.sigma),
@@ -318,20 +335,23 @@ def child_engine(case: Case, profile_flops: bool) -> dict[str, Any]:
     }
     if profile_flops and seconds < 60:
         res["flops"] = matmul_flops(lambda: probe(case.m))
-    res["step"] = train_step_seconds(case, model, gen)
+    res["step"], res["step_cpu"] = train_step_seconds(case, model, gen)
     return res
 
 
-def grad_gram_engine(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def grad_gram_engine(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, check: int = 2
+) -> torch.Tensor:
     """The engine's per-sample gradient Gram: output gradients as the one cotangent row of the
-    streamed layer-rule Gram (``measure_curvature`` does this in the same pass as K)."""
+    streamed layer-rule Gram (``measure_curvature`` does this in the same pass as K), with
+    the self-check's ``check`` backward passes (2, as the engine runs by default)."""
     from torch_coherence.curvature.gram import gram_factors
     from torch_coherence.curvature.losses import output_gradients
 
     with torch.no_grad():
         out = model(x)
     cot = output_gradients(nn.CrossEntropyLoss(), out, y).unsqueeze(2)  # (m, C, 1)
-    facs = gram_factors(model, x, cot, dict(model.named_parameters()), accumulate=True)
+    facs = gram_factors(model, x, cot, dict(model.named_parameters()), accumulate=True, check=check)
     return facs.full()[:, 0, :, 0]
 
 
@@ -346,10 +366,11 @@ def child_peer(case: Case, tool: str) -> dict[str, Any]:
         model = backpack_model(model)
         ggn_backpack(model, x[:2], y[:2])
         base = rss_mib()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         K = ggn_backpack(model, x, y)
         return {
             "seconds": time.perf_counter() - t0,
+            "cpu": time.process_time() - c0,
             "above": peak_mib() - base,
             "sigma": sigma_of_gram(K),
         }
@@ -368,17 +389,29 @@ def child_peer(case: Case, tool: str) -> dict[str, Any]:
             return float(eigsh(G, k=1, which="LA", tol=1e-4, v0=v0, return_eigenvectors=False)[0])
 
         base = rss_mib()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         value = top()
-        return {"seconds": time.perf_counter() - t0, "above": peak_mib() - base, "ggn": value}
-    if tool in ("func", "engine-grad"):
+        return {
+            "seconds": time.perf_counter() - t0,
+            "cpu": time.process_time() - c0,
+            "above": peak_mib() - base,
+            "ggn": value,
+        }
+    if tool in ("func", "engine-grad", "engine-grad-nocheck"):
         from bench_curvature import grad_gram_func
 
-        fn = grad_gram_func if tool == "func" else grad_gram_engine
+        if tool == "func":
+            fn = grad_gram_func
+        else:
+            check = 0 if tool.endswith("nocheck") else 2
+
+            def fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                return grad_gram_engine(model, x, y, check)
+
         fn(model, x[:2], y[:2])
         base = rss_mib()
-        seconds = median_time(lambda: fn(model, x, y), 3)
-        return {"seconds": seconds, "above": peak_mib() - base}
+        seconds, cpu = median_times(lambda: fn(model, x, y), 5)
+        return {"seconds": seconds, "cpu": cpu, "above": peak_mib() - base}
     raise ValueError(f"unknown tool {tool}")
 
 
@@ -517,7 +550,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048) -> float:
     a = torch.randn(n, n, dtype=dtype)
     b = torch.randn(n, n, dtype=dtype)
     a @ b
-    best = min(median_time(lambda: a @ b, 1) for _ in range(3))
+    best = min(median_times(lambda: a @ b, 1)[1] for _ in range(3))  # CPU seconds
     return 2 * n**3 / best / 1e9
 
 
@@ -571,9 +604,10 @@ def main_tables(args: argparse.Namespace) -> None:
         case = CASES[name]
         r = run_child(name, "engine", args)
         if "error" in r:
-            rows.append([name, str(case.m), "-", r["error"], *["-"] * 7])
+            rows.append([name, str(case.m), "-", r["error"], *["-"] * 9])
         else:
-            frac = r["flops"] / r["seconds"] / 1e9 / peak64 if "flops" in r else None
+            flops = r["flops"] / r["cpu"] / 1e9 if "flops" in r else None
+            frac = None if flops is None else f"{flops / peak64:.2f} / {flops / peak32:.2f}"
             rows.append(
                 [
                     name,
@@ -582,22 +616,27 @@ def main_tables(args: argparse.Namespace) -> None:
                     fmt(r["seconds"]),
                     fmt(r["step"]),
                     fmt(r["seconds"] / r["step"]),
+                    fmt(r["cpu"]),
+                    fmt(r["step_cpu"]),
+                    fmt(r["cpu"] / r["step_cpu"]),
                     f"{r['above']:.0f}",
                     fmt(r["sigma"], ".4g"),
                     fmt(r["ggn"], ".4g"),
                     fmt(r["bound"], ".2g"),
-                    fmt(frac, ".2f"),
+                    frac or "-",
                 ]
             )
-        for tool in case.peers + (("engine-grad",) if "func" in case.peers else ()):
+        grad_tools = ("engine-grad", "engine-grad-nocheck") if "func" in case.peers else ()
+        for tool in case.peers + grad_tools:
             p = run_child(name, tool, args)
             peers.append(
                 [name, tool]
                 + (
-                    [p["error"], "-", "-"]
+                    [p["error"], "-", "-", "-"]
                     if "error" in p
                     else [
                         fmt(p["seconds"]),
+                        fmt(p.get("cpu")),
                         f"{p['above']:.0f}",
                         fmt(p.get("sigma", p.get("ggn")), ".4g"),
                     ]
@@ -613,20 +652,24 @@ def main_tables(args: argparse.Namespace) -> None:
             "engine s",
             "train step s",
             "steps",
+            "engine CPU s",
+            "step CPU s",
+            "steps (CPU)",
             "peak above base MiB",
             "sigma",
             "GGN sharpness",
             "trunc. bound",
-            "f64 peak frac.",
+            "peak frac. f64 / f32",
         ],
         rows,
     )
     table(
         "Peers (GGN Gram: backpack; GGN sharpness: curvlinops; gradient Gram: func, engine-grad)",
-        ["case", "tool", "s", "peak above base MiB", "sigma / ggn"],
+        ["case", "tool", "s", "CPU s", "peak above base MiB", "sigma / ggn"],
         peers,
     )
-    accuracy_table(args)
+    if not args.no_accuracy:
+        accuracy_table(args)
     growth(args)
     print(f"\nload after: {os.getloadavg()}")
 
@@ -639,13 +682,22 @@ def growth(args: argparse.Namespace) -> None:
         for m in ms if w == 1 else [64]:
             r = run_child(f"cnn-w{w}-m{m}", "engine", args)
             if "error" in r:
-                rows.append([str(w), str(m), "-", r["error"], "-"])
+                rows.append([str(w), str(m), "-", r["error"], "-", "-"])
                 continue
-            series[(w, m)] = (r["params"], r["seconds"], max(r["above"], 1.0))
-            rows.append([str(w), str(m), str(r["params"]), fmt(r["seconds"]), f"{r['above']:.0f}"])
+            series[(w, m)] = (r["params"], r["cpu"], max(r["above"], 1.0))
+            rows.append(
+                [
+                    str(w),
+                    str(m),
+                    str(r["params"]),
+                    fmt(r["seconds"]),
+                    fmt(r["cpu"]),
+                    f"{r['above']:.0f}",
+                ]
+            )
     table(
-        "Growth: CNN engine over m (width x1) and width (m = 64)",
-        ["width", "m", "params", "s", "peak above base MiB"],
+        "Growth: CNN engine over m (width x1) and width (m = 64); exponents from CPU seconds",
+        ["width", "m", "params", "s", "CPU s", "peak above base MiB"],
         rows,
     )
     by_m = [(m, *series[(1, m)][1:]) for m in ms if (1, m) in series]
@@ -673,6 +725,7 @@ def main() -> None:
     ap.add_argument("--mem-gib", type=float, default=8.0, help="resident memory per child")
     ap.add_argument("--flops", action="store_true", help="profile matmul FLOPs of the engine")
     ap.add_argument("--no-growth", action="store_true")
+    ap.add_argument("--no-accuracy", action="store_true", help="skip the factor-accuracy table")
     ap.add_argument("--accuracy-only", action="store_true", help="only the factor-accuracy table")
     ap.add_argument("--child", nargs=2, metavar=("CASE", "TOOL"), help=argparse.SUPPRESS)
     args = ap.parse_args()

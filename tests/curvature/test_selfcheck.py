@@ -69,7 +69,8 @@ def test_self_check_catches_a_deliberately_wrong_rule(monkeypatch, scale):
     original = linear.LinearRule.pieces
 
     def wrong(self, module, x, grad, w, b):
-        return [gram.Piece(a=p.a * scale, d=p.d) for p in original(self, module, x, grad, w, b)]
+        pieces = original(self, module, x, grad, w, b)
+        return [gram.Piece(a=p.a, d=p.d * scale, ones=p.ones) for p in pieces]
 
     monkeypatch.setattr(linear.LinearRule, "pieces", wrong)
     rep = measure_curvature(model, x, y, loss, sharpness="ggn", return_gram=True)

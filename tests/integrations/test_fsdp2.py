@@ -149,7 +149,9 @@ def test_layers_the_registry_covers_are_split_too(one_rank) -> None:
     assert sorted(i for t in res.terms for i in t) == [0, 1, 2]
     assert res.stats.sigma == pytest.approx(ref.stats.sigma, rel=1e-12)
     assert res.ggn_sharpness == pytest.approx(ref.ggn_sharpness, rel=1e-12)
-    assert torch.allclose(res.gram, ref.gram.to(torch.float64).reshape(res.gram.shape), rtol=1e-10)
+    # report.gram of a float32 model is stored in float32 (its entries carry that rounding)
+    rtol = 1e-10 if ref.gram.dtype == torch.float64 else 1e-6
+    assert torch.allclose(res.gram, ref.gram.to(torch.float64).reshape(res.gram.shape), rtol=rtol)
 
 
 def test_sharded_probe_needs_a_process_group() -> None:

@@ -17,6 +17,20 @@ blocks (``docs/theory.md`` §3):
   ``vmap`` over samples of ``vjp``, ``vmap`` over the R cotangents), ``chunk_size`` samples at a
   time; one sample at a time where the model cannot be vmapped over samples.
 
+Precision and memory. Factors (inputs a, output gradients delta, materialised rows) stay in
+the model's dtype and their products are taken in it; K is summed over blocks in float64 and
+made exactly symmetric, and every eigenproblem after it runs in float64. For a float32 model
+that is the rounding the model's own gradients carry: on the case table
+(``tests/curvature/test_cases.py``) K stays within 2e-5 of the float64 jacrev reference.
+The R output gradients of a call are written into one (m, R, ...) buffer per call (no
+per-row list and stack). A ghost block is contracted as :math:`X_{ij} = A_iA_j^\top`,
+:math:`Y_{ij} = X_{ij}D_j`, :math:`K_{ir,js} = \langle D_{ir}, Y_{ij,s}\rangle` in sample
+blocks of bounded size (:data:`GHOST_BLOCK_ELEMS`), never the :math:`(RT)^2` products of
+output gradients. Streamed (``accumulate``), each layer's block is formed, checked and summed
+into K before the next is built; rows of norm layers, and over :data:`GRAD_STORE_BYTES` of
+output gradients those of materialised convolutions with o k < T o, are built from blocks of
+rows as the backward passes deliver them, so those output gradients are never stored.
+
 Assumptions of the layer rules and how each is enforced (a module that violates one goes to the
 fallback, named with the reason in ``notes.fallback``):
 
@@ -49,6 +63,7 @@ Lanczos on :math:`\lambda_1(K)`), e.g. for a ghost layer
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,10 +93,94 @@ class Forward(nn.Module):
 
 @dataclass
 class _Ghost:
-    a: torch.Tensor  # (m, T, k) float64, or (m, T) ids
-    d: torch.Tensor  # (m, R, T, o) float64
+    a: torch.Tensor  # (m, T, k) in the model's dtype, or (m, T) ids
+    d: torch.Tensor  # (m, R, T, o) in the model's dtype
     index: bool
     label: str = ""  # the module it belongs to
+    ones: bool = False  # a bias: a constant 1 appended to every a_t (not stored)
+
+
+#: Entries of the (samples, samples, T, R, o) intermediate of one ghost block product.
+GHOST_BLOCK_ELEMS = 2**24
+
+
+def _sym_gram(A: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """A A^T for A (n, P), computing only the blocks on and above the diagonal."""
+    n = A.shape[0]
+    if n <= 2 * block:
+        return A @ A.T
+    K = torch.empty(n, n, dtype=A.dtype, device=A.device)
+    for s in range(0, n, block):
+        blk = A[s : s + block] @ A[s:].T
+        K[s : s + block, s:] = blk
+        K[s + block :, s : s + block] = blk[:, block:].T
+    return K
+
+
+def _rows_gram(rows: torch.Tensor, I: slice, J: slice) -> torch.Tensor:  # noqa: E741
+    """The (|I|, R, |J|, R) block of the Gram of rows (m, R, P), in their dtype."""
+    rI = rows[I]
+    ni, R = rI.shape[:2]
+    if I == J:
+        return _sym_gram(rI.reshape(ni * R, -1)).view(ni, R, ni, R)
+    rJ = rows[J]
+    return (rI.reshape(ni * R, -1) @ rJ.reshape(-1, rJ.shape[2]).T).view(ni, R, -1, R)
+
+
+def _ghost_pair(
+    dI: torch.Tensor, aI: torch.Tensor, dJ: torch.Tensor, aJ: torch.Tensor, g: _Ghost
+) -> torch.Tensor:
+    r"""Ghost block :math:`\sum_{t,u} (\delta_{ir,t}\cdot\delta_{js,u})(a_{i,t}\cdot a_{j,u})`.
+
+    Contracted as :math:`X_{ij} = A_i A_j^\top` (T x T), :math:`Y_{ij} = X_{ij} D_j`
+    (T x R o), :math:`K_{ir,js} = \langle D_{ir}, Y_{ij,s}\rangle`: per pair of samples
+    :math:`T^2 k + T^2 R o + R^2 T o` multiply-adds, never the :math:`(RT)^2` products of
+    output gradients.
+    """
+    ni, R, T, o = dI.shape
+    nj = dJ.shape[0]
+    if g.index:
+        aa = (aI.view(ni, T, 1, 1) == aJ.view(1, 1, nj, T)) & (aI.view(ni, T, 1, 1) >= 0)
+        aa = aa.to(dI.dtype)
+    else:
+        aa = (aI.reshape(ni * T, -1) @ aJ.reshape(nj * T, -1).T).view(ni, T, nj, T)
+        if g.ones:
+            aa += 1
+    if T == 1:
+        if dI is dJ:
+            dd = _sym_gram(dI.reshape(ni * R, o)).view(ni, R, nj, R)
+        else:
+            dd = (dI.reshape(ni * R, o) @ dJ.reshape(nj * R, o).T).view(ni, R, nj, R)
+        return dd.mul_(aa.view(ni, 1, nj, 1))
+    lhs = aa.permute(2, 0, 1, 3).reshape(nj, ni * T, T)
+    rhs = dJ.permute(0, 2, 1, 3).reshape(nj, T, R * o)
+    Y = torch.bmm(lhs, rhs).view(nj, ni, T, R, o).permute(1, 2, 4, 0, 3).reshape(ni, T * o, -1)
+    return torch.bmm(dI.reshape(ni, R, T * o), Y).view(ni, R, nj, R)
+
+
+def _ghost_gram(g: _Ghost, I: slice, J: slice) -> torch.Tensor:  # noqa: E741
+    """The (|I|, R, |J|, R) block of a ghost layer's Gram, in sample blocks whose intermediate
+    holds at most :data:`GHOST_BLOCK_ELEMS` entries (only blocks on and above the diagonal
+    when I == J)."""
+    dI, dJ, aI, aJ = g.d[I], g.d[J], g.a[I], g.a[J]
+    ni, R, T, o = dI.shape
+    nj = dJ.shape[0]
+    step = max(1, int((GHOST_BLOCK_ELEMS / (T * max(R, 1) * o)) ** 0.5))
+    if ni <= step and nj <= step:
+        if I == J:
+            return _ghost_pair(dI, aI, dI, aI, g)
+        return _ghost_pair(dI, aI, dJ, aJ, g)
+    out = torch.empty(ni, R, nj, R, dtype=dI.dtype, device=dI.device)
+    sym = I == J
+    for s in range(0, ni, step):
+        si = slice(s, s + step)
+        for t in range(s if sym else 0, nj, step):
+            tj = slice(t, t + step)
+            blk = _ghost_pair(dI[si], aI[si], dJ[tj], aJ[tj], g)
+            out[si, :, tj] = blk
+            if sym and t != s:
+                out[tj, :, si] = blk.permute(2, 3, 0, 1)
+    return out
 
 
 @dataclass
@@ -114,6 +213,7 @@ class GramFactors:
     row_labels: list[str] = field(default_factory=list)  # the block of each rows entry
     notes: EngineNotes = field(default_factory=EngineNotes)
     dense: torch.Tensor | None = None  # (m, R, m, R): blocks already summed into K
+    dense_label: str = ""  # the block ``dense`` holds, when it holds one block only
 
     def extend(self, part: GramFactors) -> None:
         """Take over ``part``'s factors."""
@@ -125,75 +225,55 @@ class GramFactors:
 
     def absorb(self, part: GramFactors) -> None:
         """Add ``part``'s whole Gram to :attr:`dense` (its factors can then be freed)."""
-        K = part.full()
+        only_dense = part.dense is not None and not part.ghosts and not part.rows
+        K = part.dense if only_dense else part.full()
         self.dense = K if self.dense is None else self.dense.add_(K)
 
     def block(self, I: slice, J: slice) -> torch.Tensor:  # noqa: E741
-        """K_{IJ} of shape (|I|, R, |J|, R), float64."""
+        """K_{IJ} of shape (|I|, R, |J|, R), float64 (each term computed in its factors' dtype,
+        summed in float64)."""
         R = self.R
         ni = len(range(self.m)[I])
         nj = len(range(self.m)[J])
+        terms = (_ghost_gram(g, I, J) for g in self.ghosts)
+        terms = itertools.chain(terms, (_rows_gram(rows, I, J) for rows in self.rows))
         K = None
-        for g in self.ghosts:
-            dI, dJ = g.d[I], g.d[J]
-            aI, aJ = g.a[I], g.a[J]
-            T = dI.shape[2]
-            if T == 1 and not g.index:
-                dd = (dI.reshape(ni * R, -1) @ dJ.reshape(nj * R, -1).T).view(ni, R, nj, R)
-                aa = aI[:, 0] @ aJ[:, 0].T
-                if K is None:
-                    K = dd.mul_(aa.view(ni, 1, nj, 1))
-                else:
-                    K.addcmul_(dd, aa.view(ni, 1, nj, 1))
-                continue
-            else:
-                if g.index:
-                    aa = (aI.view(ni, -1, 1, 1) == aJ.view(1, 1, nj, -1)) & (
-                        aI.view(ni, -1, 1, 1) >= 0
-                    )
-                    aa = aa.to(dI.dtype)
-                else:
-                    aa = torch.einsum("itk,juk->itju", aI, aJ)
-                dd = torch.einsum("irto,jsuo->irtjsu", dI, dJ)
-                part = torch.einsum("irtjsu,itju->irjs", dd, aa)
-            K = part if K is None else K + part
-        for rows in self.rows:
-            part = (rows[I].reshape(ni * R, -1) @ rows[J].reshape(nj * R, -1).T).view(ni, R, nj, R)
-            K = part if K is None else K.add_(part)
+        for term in terms:
+            K = term.to(torch.float64, copy=True) if K is None else K.add_(term)
+        if K is not None and I == J:  # products in the factors' dtype: made exactly symmetric
+            Kf = K.view(ni * R, ni * R)
+            K = torch.add(Kf, Kf.T).mul_(0.5).view(ni, R, ni, R)
         if self.dense is not None:
-            part = self.dense[I, :, J, :]
-            K = part.clone() if K is None else K.add_(part)
-        if K is None:
-            return torch.zeros(ni, R, nj, R, dtype=torch.float64)
-        return K
+            K = self.dense[I, :, J, :].clone() if K is None else K.add_(self.dense[I, :, J, :])
+        return torch.zeros(ni, R, nj, R, dtype=torch.float64) if K is None else K
 
     def full(self) -> torch.Tensor:
         """All of K, (m, R, m, R)."""
         return self.block(slice(None), slice(None))
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """K v for v of length m R (flattened (m, R))."""
+        """K v for v of length m R (flattened (m, R)); each term in its factors' dtype."""
         v = v.reshape(self.m, self.R).to(torch.float64)
         out = torch.zeros_like(v)
         for g in self.ghosts:
+            vv = v.to(g.d.dtype)
+            W = torch.einsum("jsuo,js->juo", g.d, vv)  # (m, T, o)
             if g.index:
-                rows = (g.d * v.view(self.m, self.R, 1, 1)).sum(1)  # (m, T, o)
                 ids = g.a.reshape(-1)
                 ok = ids >= 0
-                M = torch.zeros(
-                    int(ids.max()) + 1 if ok.any() else 1, rows.shape[-1], dtype=v.dtype
-                )
-                M.index_add_(0, ids[ok], rows.reshape(-1, rows.shape[-1])[ok])
-                gathered = M[ids.clamp_min(0)] * ok.unsqueeze(1).to(v.dtype)
-                gathered = gathered.view(self.m, -1, rows.shape[-1])  # (m, T, o)
-                out += torch.einsum("irto,ito->ir", g.d, gathered)
+                M = W.new_zeros(int(ids.max()) + 1 if ok.any() else 1, W.shape[-1])
+                M.index_add_(0, ids[ok], W.reshape(-1, W.shape[-1])[ok])
+                Y = M[ids.clamp_min(0)] * ok.unsqueeze(1).to(W.dtype)
+                Y = Y.view(W.shape)  # (m, T, o)
             else:
-                W = torch.einsum("jsuo,js->juo", g.d, v)  # (m, T, o)
                 M = W.reshape(-1, W.shape[-1]).T @ g.a.reshape(-1, g.a.shape[-1])  # (o, k)
                 Y = g.a @ M.T  # (m, T, o)
-                out += torch.einsum("irto,ito->ir", g.d, Y)
+                if g.ones:
+                    Y += W.sum((0, 1))
+            out += torch.einsum("irto,ito->ir", g.d, Y)
         for rows in self.rows:
-            out += torch.einsum("irp,p->ir", rows, torch.einsum("jsp,js->p", rows, v))
+            vv = v.to(rows.dtype)
+            out += torch.einsum("irp,p->ir", rows, torch.einsum("jsp,js->p", rows, vv))
         if self.dense is not None:
             out += torch.einsum("irjs,js->ir", self.dense, v)
         return out.reshape(-1)
@@ -203,8 +283,8 @@ class GramFactors:
         head, tail = GramFactors(m=self.m, R=r), GramFactors(m=self.m, R=self.R - r)
         head.notes = tail.notes = self.notes
         for g in self.ghosts:
-            head.ghosts.append(_Ghost(a=g.a, d=g.d[:, :r], index=g.index, label=g.label))
-            tail.ghosts.append(_Ghost(a=g.a, d=g.d[:, r:], index=g.index, label=g.label))
+            head.ghosts.append(_Ghost(g.a, g.d[:, :r], g.index, g.label, g.ones))
+            tail.ghosts.append(_Ghost(g.a, g.d[:, r:], g.index, g.label, g.ones))
         for rows, label in zip(self.rows, self.row_labels, strict=True):
             head.rows.append(rows[:, :r])
             tail.rows.append(rows[:, r:])
@@ -217,6 +297,8 @@ class GramFactors:
 
     def replace(self, label: str, rows: torch.Tensor) -> None:
         """Drop every entry of block ``label`` and add ``rows`` (m, R, P) in its place."""
+        if self.dense_label == label:
+            self.dense = None
         self.ghosts = [g for g in self.ghosts if g.label != label]
         keep = [i for i, lab in enumerate(self.row_labels) if lab != label]
         self.rows = [self.rows[i] for i in keep] + [rows]
@@ -486,8 +568,171 @@ def _user_name(name: str) -> str:
     return name.removeprefix("model.") if name != "model" else "(the model)"
 
 
-def _ghost_cheaper(T: int, k: int, o: int, R: int) -> bool:
-    return T == 1 or T * T * (o + k / (R * R) + 1) <= o * k
+#: Bytes of output gradients all layers may store at once before materialised layers build
+#: their rows pass by pass instead (:class:`_RowStream`; slower for small layers: smaller
+#: products, the input patches rebuilt per row block).
+GRAD_STORE_BYTES = 2**30
+
+#: Bytes of one call's output gradients a :class:`_RowStream` collects before building rows.
+STREAM_BLOCK_BYTES = 64 * 2**20
+
+
+class _RowStream:
+    """Per-sample rows of one module call built from blocks of rows' output gradients as the
+    passes deliver them, so that the (m, R, ...) output gradients of the call are never stored.
+
+    Used where the rows are smaller than the output gradients: rules that return rows (the
+    affine parameters of a norm layer: 2 P numbers per sample and row against T P), and,
+    when all layers' output gradients would exceed :data:`GRAD_STORE_BYTES`, layers that are
+    materialised anyway with o k < T o (the first convolutions of a ResNet).
+    """
+
+    def __init__(self, cov: _Covered, mod: nn.Module, call: _Call, R: int, rows: bool) -> None:
+        self.cov, self.mod, self.call, self.R, self.rule_rows = cov, mod, call, R, rows
+        self.bufs: list[torch.Tensor] | None = None
+        self.pending: list[torch.Tensor] = []
+        self.block = max(
+            1, STREAM_BLOCK_BYTES // max(1, call.out.numel() * call.out.element_size())
+        )
+        self.start = 0
+
+    def __call__(self, r: int, g: torch.Tensor) -> None:
+        self.pending.append(g)
+        if len(self.pending) == self.block or r == self.R - 1:
+            self._flush()
+
+    def _flush(self) -> None:
+        cov = self.cov
+        g = torch.stack(self.pending)
+        n = len(self.pending)
+        self.pending = []
+        pieces = cov.rule.pieces(self.mod, self.call.x, g, cov.weight, cov.bias)
+        del g
+        if self.rule_rows:
+            rows = [p.rows for p in pieces]
+        else:
+            rows = [t for p in pieces for t in _materialise(p.d, p.a, p.ones)]
+        if self.bufs is None:
+            self.bufs = [t.new_empty(t.shape[0], self.R, *t.shape[2:]) for t in rows]
+        for buf, t in zip(self.bufs, rows, strict=True):
+            buf[:, self.start : self.start + n] = t
+        self.start += n
+
+    def pieces(self) -> list[Piece]:
+        return [Piece(rows=t) for t in self.bufs or []]
+
+
+def _row_streams(
+    calls: list[tuple[nn.Module, _Call]],
+    covered: dict[nn.Module, _Covered],
+    records: dict[nn.Module, list[_Call]],
+    m: int,
+    R: int,
+    force: str | None,
+    accumulate: bool,
+) -> dict[int, _RowStream]:
+    """The calls whose rows are built as the passes go (:class:`_RowStream`), by call index.
+
+    Decided from the rule's pieces of one sample and a zero output gradient, for modules
+    called once: always where the pieces are all rows; for pieces all materialised (by the
+    cost model or ``force``) with fewer row entries than output-gradient entries per sample
+    (and, when streaming, at most :data:`ROW_BLOCK_BYTES` of rows), largest saving first
+    until the stored output gradients fit :data:`GRAD_STORE_BYTES`.
+    """
+    out: dict[int, _RowStream] = {}
+    stored = sum(c.out.numel() * c.out.element_size() for _, c in calls) * R
+    savings = []
+    for k, (mod, call) in enumerate(calls):
+        batched = call.x.dim() > 0 and call.x.shape[0] == m and call.out.shape[0] == m
+        if force == "fallback" or not batched or len(records[mod]) != 1 or call.out.dim() < 2:
+            continue
+        cov = covered[mod]
+        g0 = call.out.new_zeros((1, 1, *call.out.shape[1:]))
+        probe = cov.rule.pieces(mod, call.x[:1], g0, cov.weight, cov.bias)
+        if not probe:
+            continue
+        if all(p.rows is not None for p in probe):
+            out[k] = _RowStream(cov, mod, call, R, rows=True)
+            stored -= call.out.numel() * call.out.element_size() * R
+            continue
+        if force == "ghost" or any(p.rows is not None or p.index for p in probe):
+            continue
+        size = 0
+        for p in probe:
+            T, o, kk = p.d.shape[2], p.d.shape[3], p.a.shape[2]
+            if force != "materialise" and _ghost_cheaper(T, kk, o, R, m):
+                size = -1
+                break
+            size += o * (kk + p.ones)
+        fits = not accumulate or m * R * size * call.out.element_size() <= ROW_BLOCK_BYTES
+        if 0 < size < call.out[0].numel() and fits:
+            saved = (call.out[0].numel() - size) * m * R * call.out.element_size()
+            savings.append((saved, k))
+    for saved, k in sorted(savings, reverse=True):
+        if stored <= GRAD_STORE_BYTES:
+            break
+        mod, call = calls[k]
+        out[k] = _RowStream(covered[mod], mod, call, R, rows=False)
+        stored -= saved
+    return out
+
+
+def _output_gradients(
+    out: torch.Tensor,
+    outs: list[torch.Tensor],
+    sqrt: Any,
+    R: int,
+    streams: dict[int, _RowStream],
+) -> list[torch.Tensor | None]:
+    """The gradients of every recorded output for the R cotangents, each (R, *shape) as a view
+    of one buffer laid out (n, R, ...) (sample axis first), filled pass by pass: no list of
+    R tensors to stack, and the rows of a sample are contiguous for the rules' products.
+    Outputs in ``streams`` get no buffer: each pass's gradient goes to the stream (None)."""
+    bufs: list[torch.Tensor | None] = []
+    for j, o in enumerate(outs):
+        if j in streams:
+            bufs.append(None)
+        elif o.dim() == 0:
+            bufs.append(o.new_empty((R,)))
+        else:
+            bufs.append(o.new_empty(o.shape[0], R, *o.shape[1:]).transpose(0, 1))
+    for r in range(R if outs else 0):
+        cot = column(sqrt, r).to(out.dtype).reshape(out.shape)
+        gs = torch.autograd.grad(out, outs, cot, retain_graph=True, allow_unused=True)
+        for j, (buf, g) in enumerate(zip(bufs, gs, strict=True)):
+            if buf is None:
+                streams[j](r, torch.zeros_like(outs[j]) if g is None else g)
+            elif g is None:
+                buf[r].zero_()
+            else:
+                buf[r].copy_(g)
+    return bufs
+
+
+def _ghost_cheaper(T: int, k: int, o: int, R: int, m: int) -> bool:
+    """Whether the ghost product (:func:`_ghost_pair`) costs fewer multiply-adds per pair of
+    rows than materialising the rows (o k per pair, plus forming them: T o k per row)."""
+    ghost = T * T * (k + R * o) / (R * R) + T * o
+    return T == 1 or ghost <= o * k * (1 + T / (m * R))
+
+
+def _work(t: torch.Tensor) -> torch.Tensor:
+    """Factors of a half-precision model are multiplied in float32 (others in their dtype)."""
+    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
+
+
+def _materialise(d: torch.Tensor, a: torch.Tensor, ones: bool) -> list[torch.Tensor]:
+    """Per-sample rows sum_t d_t a_t^T (m, R, o k), and the bias rows sum_t d_t (m, R, o)."""
+    d, a = _work(d), _work(a)
+    m, R, T, o = d.shape
+    dt = d.transpose(2, 3).reshape(m, R * o, T)
+    if a.shape[2] < 64:  # a narrow input (a first convolution): the product the other way round
+        out = [torch.bmm(a.transpose(1, 2), dt.transpose(1, 2)).transpose(1, 2).reshape(m, R, -1)]
+    else:
+        out = [torch.bmm(dt, a).reshape(m, R, -1)]
+    if ones:
+        out.append(dt.sum(2).reshape(m, R, o))
+    return out
 
 
 def _add_pieces(
@@ -501,9 +746,10 @@ def _add_pieces(
 ) -> None:
     """Concatenate ghost pieces over calls along t (sum rows) and add them to ``facs``.
 
-    Pieces are matched across calls by their position and ``key`` (the recorded tag). With
-    ``accumulate``, a materialised layer whose rows would exceed :data:`ROW_BLOCK_BYTES` is
-    added as its dense Gram, built from sample blocks of its rows.
+    Pieces are matched across calls by their position and ``key`` (the recorded tag). Factors
+    stay in the model's dtype (K is summed in float64). With ``accumulate``, a materialised
+    layer whose rows would exceed :data:`ROW_BLOCK_BYTES` is added as its dense Gram, built
+    from sample blocks of its rows.
     """
     groups: dict[tuple[str, int], list[Piece]] = {}
     for call in per_call:
@@ -514,29 +760,29 @@ def _add_pieces(
             facs.rows.append(sum(p.rows for p in parts))
             facs.row_labels.append(label)
             continue
-        index = parts[0].index
+        index, ones = parts[0].index, parts[0].ones
         if len(parts) == 1:  # a layer called once: no concatenated copy
-            a = parts[0].a if index else parts[0].a.double()
-            d = parts[0].d.double()
+            a, d = parts[0].a, parts[0].d
         else:
-            a = torch.cat([p.a if index else p.a.double() for p in parts], 1)
-            d = torch.cat([p.d.double() for p in parts], 2)
+            a = torch.cat([p.a for p in parts], 1)
+            d = torch.cat([p.d for p in parts], 2)
         T, o_dim = d.shape[2], d.shape[3]
         k_dim = 1 if index else a.shape[2]
         ghost = (
             force == "ghost"
             or index
-            or (force != "materialise" and _ghost_cheaper(T, k_dim, o_dim, R))
+            or (force != "materialise" and _ghost_cheaper(T, k_dim, o_dim, R, m))
         )
-        if ghost:
-            facs.ghosts.append(_Ghost(a=a, d=d, index=index, label=label))
-        elif accumulate and m * R * o_dim * k_dim * 8 > ROW_BLOCK_BYTES:
-            K = _blocked_rows_gram(d, a)
+        if ghost:  # contiguous once, not per block product
+            a, d = _work(a).contiguous(), _work(d).contiguous()
+            facs.ghosts.append(_Ghost(a=a, d=d, index=index, label=label, ones=ones))
+        elif accumulate and m * R * o_dim * k_dim * d.element_size() > ROW_BLOCK_BYTES:
+            K = _blocked_rows_gram(d, a, ones)
             facs.dense = K if facs.dense is None else facs.dense.add_(K)
         else:
-            dt = d.transpose(2, 3).reshape(m, R * o_dim, T)
-            facs.rows.append(torch.bmm(dt, a).reshape(m, R, -1))
-            facs.row_labels.append(label)
+            for rows in _materialise(d, a, ones):
+                facs.rows.append(rows)
+                facs.row_labels.append(label)
 
 
 def gram_factors(
@@ -603,20 +849,22 @@ def gram_factors(
             outputs_check(flat)
         labels = {mod: _user_name(name) for name, mod in fwd.named_modules()}
         live = [mod for mod in covered if mod not in bad and mod in records]
-        outs = [c.out for mod in live for c in records[mod]]
-        grads: list[list[torch.Tensor]] = [[] for _ in outs]
-        for r in range(R if outs else 0):
-            cot = column(sqrt, r).to(out.dtype).reshape(out.shape)
-            gs = torch.autograd.grad(out, outs, cot, retain_graph=True, allow_unused=True)
-            for lst, o, g in zip(grads, outs, gs, strict=True):
-                lst.append(torch.zeros_like(o) if g is None else g)
+        calls = [(mod, c) for mod in live for c in records[mod]]
+        outs = [c.out for _, c in calls]
+        streams = _row_streams(calls, covered, records, m, R, force, accumulate)
+        grads = _output_gradients(out, outs, sqrt, R, streams)
         checker = SelfCheck(out, sqrt, selected, check, seed, m, R) if check and selected else None
 
         def refit(names: list[str]) -> dict[str, torch.Tensor]:
             return _fallback_rows(fwd, inputs, sqrt, {k: selected[k] for k in names}, chunk)
 
         def take(part: GramFactors, label: str, names: list[str], can_refit: bool) -> None:
-            """Check one block while its factors exist, then hand it on (kept/summed/sketched)."""
+            """Check one block while its factors exist, then hand it on (kept/summed/sketched).
+
+            Streamed, the block's Gram is formed first and the check runs on it (products
+            with the (m R)^2 block instead of the factors; it checks the assembly too)."""
+            if checker is not None and consume == facs.absorb:
+                part = GramFactors(m=m, R=R, notes=facs.notes, dense=part.full(), dense_label=label)
             if checker is not None:
                 checker.check(part, label, names, refit if can_refit else None)
             consume(part)
@@ -627,9 +875,14 @@ def gram_factors(
             per_call = []
             for call in records[mod]:
                 batched = call.x.dim() > 0 and call.x.shape[0] == m and call.out.shape[0] == m
-                g = torch.stack(grads[k])
-                grads[k] = []  # free this call's output gradients
-                pieces = cov.rule.pieces(mod, call.x, g, cov.weight, cov.bias) if batched else None
+                g = grads[k]
+                grads[k] = None  # freed with this module's factors
+                if k in streams:
+                    pieces = streams.pop(k).pieces()
+                elif batched:
+                    pieces = cov.rule.pieces(mod, call.x, g, cov.weight, cov.bias)
+                else:
+                    pieces = None
                 for piece in pieces or ():
                     piece.key = call.tag
                 per_call.append(pieces)
@@ -673,41 +926,46 @@ def gram_factors(
 
 #: Bytes of one layer's materialised per-sample rows held at once when the Gram is streamed;
 #: a larger layer's Gram is built from sample blocks of its rows (recomputed per block pair).
-ROW_BLOCK_BYTES = 256 * 2**20
+ROW_BLOCK_BYTES = 512 * 2**20
 
 
-def _blockwise_gram(rows: Callable[[slice], torch.Tensor], m: int, R: int, P: int) -> torch.Tensor:
-    """K (m, R, m, R) from float64 rows (n R, P) of sample blocks, ``rows(block)`` each."""
-    n = max(1, ROW_BLOCK_BYTES // (2 * R * P * 8))
+def _blockwise_gram(
+    rows: Callable[[slice], torch.Tensor], m: int, R: int, P: int, itemsize: int
+) -> torch.Tensor:
+    """K (m, R, m, R) float64 from rows (n R, P) of sample blocks, ``rows(block)`` each (in
+    their dtype)."""
+    n = max(1, ROW_BLOCK_BYTES // (2 * R * P * itemsize))
     K = torch.empty(m, R, m, R, dtype=torch.float64)
     for s in range(0, m, n):
         I = slice(s, min(s + n, m))  # noqa: E741
         rI = rows(I)
         for t in range(s, m, n):
             J = slice(t, min(t + n, m))
-            blk = (rI @ (rI if t == s else rows(J)).T).view(I.stop - I.start, R, -1, R)
+            if t == s:
+                blk = _sym_gram(rI).view(I.stop - I.start, R, -1, R)
+            else:
+                blk = (rI @ rows(J).T).view(I.stop - I.start, R, -1, R)
             K[I, :, J, :] = blk
             K[J, :, I, :] = blk.permute(2, 3, 0, 1)
     return K
 
 
-def _blocked_rows_gram(d: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def _blocked_rows_gram(d: torch.Tensor, a: torch.Tensor, ones: bool = False) -> torch.Tensor:
     """One layer's K (m, R, m, R) from rows sum_t d_t a_t^T built a sample block at a time."""
-    m, R, T, o = d.shape
-    P = o * a.shape[2]
+    m, R, _, o = d.shape
+    P = o * (a.shape[2] + ones)
 
     def rows(sl: slice) -> torch.Tensor:
-        dt = d[sl].transpose(2, 3).reshape(-1, R * o, T)
-        return torch.bmm(dt, a[sl]).reshape(-1, P)
+        return torch.cat(_materialise(d[sl], a[sl], ones), 2).reshape(-1, P)
 
-    return _blockwise_gram(rows, m, R, P)
+    return _blockwise_gram(rows, m, R, P, d.element_size())
 
 
 def _stored_rows_gram(rows: torch.Tensor) -> torch.Tensor:
-    """K (m, R, m, R) in float64 from rows (m, R, P) kept in the model's dtype (upcast by
-    sample blocks: the same numbers as converting them whole, at a fraction of the memory)."""
+    """K (m, R, m, R) in float64 from rows (m, R, P) kept in the model's dtype (Gram blocks in
+    that dtype, summed in float64)."""
     m, R, P = rows.shape
-    return _blockwise_gram(lambda sl: rows[sl].double().reshape(-1, P), m, R, P)
+    return _blockwise_gram(lambda sl: rows[sl].reshape(-1, P), m, R, P, rows.element_size())
 
 
 #: Bytes of fallback rows computed at once when the Gram is streamed (several parameters
@@ -810,18 +1068,22 @@ def sketch(facs: GramFactors, k: int, generator: torch.Generator, chunk: int = 6
             vocab = int(g.a.max()) + 1 if (g.a >= 0).any() else 1
             om = torch.randn(vocab, o, k, generator=generator, dtype=torch.float64) * scale
         else:
-            om = torch.randn(o, g.a.shape[-1], k, generator=generator, dtype=torch.float64) * scale
+            kk = g.a.shape[-1] + g.ones
+            om = torch.randn(o, kk, k, generator=generator, dtype=torch.float64) * scale
         for s in range(0, m, chunk):
             sl = slice(s, min(s + chunk, m))
             if g.index:
                 ids = g.a[sl]
                 Y = om[ids.clamp_min(0)] * (ids >= 0).view(*ids.shape, 1, 1).to(om.dtype)
             else:
-                Y = torch.einsum("itc,ocq->itoq", g.a[sl], om)
-            Z[sl] += torch.einsum("irto,itoq->irq", g.d[sl], Y)
+                a = g.a[sl].double()
+                if g.ones:
+                    a = torch.cat([a, a.new_ones((*a.shape[:2], 1))], 2)
+                Y = torch.einsum("itc,ocq->itoq", a, om)
+            Z[sl] += torch.einsum("irto,itoq->irq", g.d[sl].double(), Y)
     for rows in facs.rows:
         om = torch.randn(rows.shape[-1], k, generator=generator, dtype=torch.float64) * scale
-        Z += rows @ om
+        Z += rows.double() @ om
     return GramFactors(m=m, R=R, rows=[Z], row_labels=["sketch"], notes=facs.notes)
 
 
@@ -844,9 +1106,7 @@ class SketchSink:
         head, tail = part.split(self.rows)
         self.Z += sketch(head, self.k, self.generator).rows[0]
         keep = GramFactors(m=part.m, R=tail.R, notes=part.notes)
-        keep.ghosts = [
-            _Ghost(a=g.a, d=g.d.clone(), index=g.index, label=g.label) for g in tail.ghosts
-        ]
+        keep.ghosts = [_Ghost(g.a, g.d.clone(), g.index, g.label, g.ones) for g in tail.ghosts]
         keep.rows = [r.clone() for r in tail.rows]
         keep.row_labels = list(tail.row_labels)
         if self.tail is None:

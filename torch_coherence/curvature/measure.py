@@ -56,6 +56,7 @@ from .._validation import (
     check_probe_inputs,
     check_probe_model,
     check_targets,
+    default_tol,
     embedding_id_guard,
     forward_error,
 )
@@ -80,6 +81,11 @@ from .losses import (
 #: baseline, the blockwise path 15-16 MB with 512-row blocks and 47-62 MB with 1024-row
 #: blocks, at the same speed (``benchmarks/bench_curvature.py``, part a).
 DENSE_LIMIT = 1024
+
+#: Under ``eig_method="auto"``, lambda_1(K) of a formed K with more rows than this comes from
+#: Lanczos (products with K, float64) rather than a dense eigendecomposition: on the CNN of
+#: ``benchmarks/bench_scale.py`` (m R = 640) ``eigvalsh`` took 15% of the engine.
+DENSE_EIG_MAX = 256
 
 #: Rows (m R) per block of the blockwise path: blocks of at most 512 x 512 (2.1 MB).
 BLOCK_ROWS = 512
@@ -113,7 +119,10 @@ class CurvatureReport:
         truncation_bound: for ``factors="topk"``, the bound reached on the per-token relative
             error :math:`\|\Lambda_t - B_tB_t^\top\|_2/\|\Lambda_t\|_2` (0.0 otherwise).
         gram: the block Gram (m, R, m, R) when it was formed (m R <= 1024, or
-            ``return_gram=True``), else None.
+            ``return_gram=True``), else None; float64 for a float64 model, else float32
+            (the engine's factor products were taken in float32, so its entries carry
+            float32 rounding, and tools that check it for symmetry and semi-definiteness
+            read that tolerance from its dtype).
         fallback_blocks: parameter or module name -> why its block was computed by the
             ``torch.func`` fallback instead of a layer rule (no rule, a parameter read outside
             its module, an input modified in place, no sample axis, or the self-check).
@@ -227,6 +236,20 @@ def _stats_large(
     top = lanczos(facs.matvec, v0, tol=max(tol, 1e-10), max_iter=100, stop="value").value
     ggn = top / m
     return _finish(S2, sample, ggn, eig_method, tol), ggn
+
+
+def _gram_stats(gram: torch.Tensor, dtype: torch.dtype, eig_method: str) -> CoherenceStats:
+    """Coherence statistics of an engine Gram (m, R, m, R) of a model computing in ``dtype``.
+
+    The engine takes factor products in the model's dtype, so K carries that dtype's rounding:
+    the symmetry / PSD checks use its tolerance. Under ``"auto"`` lambda_1(K) of more than
+    :data:`DENSE_EIG_MAX` rows comes from Lanczos (float64 products with K).
+    """
+    psd = default_tol(torch.float64 if dtype == torch.float64 else torch.float32)
+    method = eig_method
+    if method == "auto" and gram.shape[0] * gram.shape[1] > DENSE_EIG_MAX:
+        method = "lanczos"
+    return coherence_from_gram(gram, eig_method=method, psd_tol=psd)
 
 
 def _sigma_full(stats: CoherenceStats, n: int) -> float:
@@ -445,11 +468,14 @@ def measure_curvature(
             if not torch.isfinite(gram).all():
                 bad = (~torch.isfinite(gram)).flatten(1).any(1).nonzero().flatten().tolist()
                 raise FloatingPointError(f"non-finite curvature at probe samples {bad[:20]}")
-            stats = coherence_from_gram(gram, eig_method=eig_method)
+            stats = _gram_stats(gram, out.dtype, eig_method)
             ggn = stats.sharpness
+            if out.dtype != torch.float64:  # carries float32 rounding: say so by its dtype
+                gram = gram.to(torch.float32)
         else:
             chunk = chunk_size if chunk_size is not None else max(1, BLOCK_ROWS // R)
-            stats, ggn = _stats_large(facs_g, chunk, eig_method, 1e-10, seed)
+            lanczos_tol = 1e-10 if out.dtype == torch.float64 else 1e-7
+            stats, ggn = _stats_large(facs_g, chunk, eig_method, lanczos_tol, seed)
         noise, grad_sq = _noise_scale(facs_p, chunk_size or BLOCK_ROWS)
         hess = None
         vec = None

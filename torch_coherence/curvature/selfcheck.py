@@ -33,7 +33,8 @@ raises ``RuntimeError`` (never a silently wrong Gram). Memory: the V autograd gr
 parameters' dtype, then one V x V Gram per parameter. Each block is checked while its factors
 exist (:class:`SelfCheck`), before a streamed Gram sums it into a dense K or a sketch projects
 it, so streaming and sketching never skip the check; the sketch itself is the one approximate
-step after it.
+step after it. Streamed, the engine forms the block's Gram first and the check multiplies by
+it (V products with an (m R)^2 block, which checks the Gram assembly as well as the factors).
 """
 
 from __future__ import annotations

@@ -59,11 +59,11 @@ import torch.distributed as dist
 from torch import nn
 
 from .._state import preserved_state
-from ..coherence import CoherenceStats, coherence_from_gram
+from ..coherence import CoherenceStats
 from ..curvature.gram import Forward, GramFactors, gram_factors
 from ..curvature.layers import find_rule
 from ..curvature.losses import check_loss, output_curvature
-from ..curvature.measure import _sigma_full
+from ..curvature.measure import _gram_stats, _sigma_full
 
 __all__ = ["ShardedCurvature", "deal_terms", "measure_curvature_sharded"]
 
@@ -302,7 +302,7 @@ def measure_curvature_sharded(
         del facs
         _reshard(model)
     dist.all_reduce(gram, group=group)
-    stats = coherence_from_gram(gram, eig_method=eig_method)
+    stats = _gram_stats(gram, out.dtype, eig_method)
     return ShardedCurvature(
         stats=stats,
         ggn_sharpness=float(stats.sharpness),

@@ -78,6 +78,8 @@ class Piece:
         rows: materialised per-sample gradient rows (m, R, P); None for a ghost pair.
         index: whether ``a`` holds embedding ids (inner product = equality of ids).
         key: the recorded computation inside the module it belongs to (set by the engine).
+        ones: a bias: a constant 1 is appended to every ``a_t`` implicitly (the engine adds
+            its term without concatenating a copy of ``a``).
     """
 
     a: torch.Tensor | None = None
@@ -85,6 +87,7 @@ class Piece:
     rows: torch.Tensor | None = None
     index: bool = False
     key: str = ""
+    ones: bool = False
 
 
 class LayerRule(Protocol):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import Piece, register, with_ones
+from . import Piece, register
 
 
 def unfold2d(x: torch.Tensor, kernel, dilation, stride) -> torch.Tensor:
@@ -60,13 +60,12 @@ class ConvRule:
         ci, co = module.in_channels // g, module.out_channels // g
         out = []
         for k in range(g):
-            cols = unfold2d(xp[:, k * ci : (k + 1) * ci], *geom)
-            out.append(
-                Piece(
-                    a=with_ones(cols.transpose(1, 2), w, b),
-                    d=d_all[..., k * co : (k + 1) * co],
-                )
-            )
+            d = d_all[..., k * co : (k + 1) * co]
+            if not w:
+                out.append(Piece(a=x.new_ones((m, d.shape[2], 1)), d=d))
+                continue
+            cols = unfold2d(xp[:, k * ci : (k + 1) * ci], *geom)  # (m, k, L): a_t = cols[:, :, t]
+            out.append(Piece(a=cols.transpose(1, 2), d=d, ones=b))
         return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import Piece, register, with_ones
+from . import Piece, register
 
 
 class LinearRule:
@@ -24,7 +24,9 @@ class LinearRule:
         R, m = grad.shape[:2]
         a = x.reshape(m, -1, x.shape[-1])
         d = grad.reshape(R, m, -1, grad.shape[-1]).transpose(0, 1)
-        return [Piece(a=with_ones(a, w, b), d=d)]
+        if not w:
+            return [Piece(a=a.new_ones((*a.shape[:-1], 1)), d=d)]
+        return [Piece(a=a, d=d, ones=b)]
 
 
 register(LinearRule())
