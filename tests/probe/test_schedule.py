@@ -89,12 +89,25 @@ def test_a_converged_fits_small_spikes_do_not_trigger() -> None:
     must also reach SPIKE_FLOOR (0.5) x the median of the fit's first losses."""
     probe = scripted_probe(every_n_steps=1000)
     probe.start()
-    _settled(probe, losses=[2.0] * 10 + [0.02] * 40)  # start loss 2.0, converged at 0.02
+    _settled(probe, losses=[2.0] * 10 + [0.02] * 60)  # start loss 2.0, converged at 0.02
     probe.count_step()
     assert probe.schedule.start_loss == 2.0
     assert not probe.observe(0.9, 0.01)  # 45 x the median, but below 0.5 x 2.0
     probe.count_step()
     assert probe.observe(1.1, 0.01)
+
+
+def test_a_spike_within_the_windows_batch_noise_does_not_trigger() -> None:
+    """Above 3 x the median and the floor, but not above SPIKE_OVER_MAX (2) x the largest
+    loss of the window: the batch noise of a small batch, not a spike."""
+    probe = scripted_probe(every_n_steps=1000)
+    probe.start()
+    noisy = [1.0, 1.0, 1.0, 1.0, 4.0] * 10  # median 1.0, isolated batches at 4x
+    _settled(probe, losses=noisy)
+    probe.count_step()
+    assert not probe.observe(5.0, 0.01)  # 5x the median, below 2 x the window's 4.0
+    probe.count_step()
+    assert probe.observe(8.5, 0.01)
 
 
 def test_learning_rate_change_triggers() -> None:
