@@ -803,18 +803,24 @@ def _probe_source(r: E2ERun, step: int) -> str:
     return "?"
 
 
+def _header(title: str, columns: str) -> None:
+    """A markdown section title and table header of the ``|``-separated ``columns``."""
+    print(f"\n## {title}\n")
+    print(f"| {columns} |")
+    print("|" + " --- |" * (columns.count("|") + 1))
+
+
 def e2e_sources(runs: list[E2ERun]) -> None:
     """Full probes that answered a light probe's escalation or the loss guard, and the
     hits / false alarms their BlowupWarnings added (warnings after the pre-flight probe)."""
     if not any(r.probe_log for r in runs):
         return
-    print("\n## Probes after the pre-flight one, and what their BlowupWarnings added\n")
-    print(
-        "| setup | light probes | escalated full probes | guard-triggered probes | scheduled | "
+    _header(
+        "Probes after the pre-flight one, and what their BlowupWarnings added",
+        "setup | light probes | escalated full probes | guard-triggered probes | scheduled | "
         "warnings by source (blown-up runs before the blow-up / calm runs) | "
-        "hits only from later probes | false alarms only from later probes |"
+        "hits only from later probes | false alarms only from later probes",
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for n in dict.fromkeys(r.setup for r in runs):
         rs = [r for r in runs if r.setup == n]
         count = {"light": 0, "escalated": 0, "guard": 0, "scheduled": 0}
@@ -848,13 +854,12 @@ def _linear(runs: list[E2ERun]) -> int:
 
 
 def e2e_tables(runs: list[E2ERun], lr_star: dict[tuple[str, int], float]) -> None:
-    print("\n## End to end through CoherenceMonitor / CoherenceProbe (BlowupWarning)\n")
-    print(
-        "| setup | recall | false alarms | lead, median [min] | hits by the pre-flight probe | "
+    _header(
+        "End to end through CoherenceMonitor / CoherenceProbe (BlowupWarning)",
+        "setup | recall | false alarms | lead, median [min] | hits by the pre-flight probe | "
         "pre-flight probe (steps, median) | all probes (steps, median) | bit-identical | "
-        "LinearInstabilityWarning: blown-up / calm runs |"
+        "LinearInstabilityWarning: blown-up / calm runs",
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for n in dict.fromkeys(r.setup for r in runs):
         rs = [r for r in runs if r.setup == n]
         blown = [r for r in rs if r.blowup_step is not None]
