@@ -51,12 +51,15 @@ short run's step losses to score smoother blow-up tests. ``--e2e`` trains every 
 through ``CoherenceMonitor`` with its defaults (``start`` before the first step, ``step``
 with the loss after each one), counts ``BlowupWarning`` before the blow-up, scores the
 logged ``stability/blowup_lr`` and repeats the runs at 0.5x and 1.25x ``lr*`` without the
-monitor to check bit-identity. ``--lr-star FILE`` caches ``lr*``. The measured tables are in
+monitor to check bit-identity; ``--e2e-estimates probe`` passes ``estimates="probe"`` to the
+monitor (the data-set estimates do not enter the blow-up prediction and would make the grid
+take over an hour). ``--lr-star FILE`` caches ``lr*``. The measured tables are in
 ``docs/warnings.md``.
 
 Run:  OMP_NUM_THREADS=1 python benchmarks/bench_warnings.py [--quick] [--seeds 5]
           [--seed-offset 0] [--setups mlp,cnn,mse] [--batch-sizes 8,32,128]
-          [--lookahead-only | --only-blowup-lr | --draws [--trajectories] | --e2e]
+          [--lookahead-only | --only-blowup-lr | --draws [--trajectories]
+           | --e2e [--e2e-estimates probe]]
           [--lr-star lr_star.json] [--json runs.json]
       python benchmarks/bench_warnings.py --score runs.json[,more.json] --score-seeds 0-9
 """
@@ -744,6 +747,8 @@ class E2ERun:
     blowup_lr: float  # stability/blowup_lr of the pre-flight probe
     probes: dict[str, int]  # probes by kind
     identical: bool | None
+    # (step, kind, trigger or escalation reason) of every probe in the monitor's history
+    probe_log: list = field(default_factory=list)
 
 
 def e2e(
@@ -780,9 +785,68 @@ def e2e(
                     float(pre.get("stability/blowup_lr", math.nan)),
                     kinds,
                     identical,
+                    [[h["step"], h["kind"], h.get("trigger") or h.get("escalate")] for h in hist],
                 )
             )
     return runs
+
+
+def _probe_source(r: E2ERun, step: int) -> str:
+    """Which probe issued the BlowupWarning collected at ``step``: ``preflight``,
+    ``escalated`` (a triggered probe answering a light probe's escalation), ``guard``
+    (triggered by the loss guard), ``scheduled``, or ``?`` when no probe ran then."""
+    for s, kind, why in r.probe_log:
+        if s == step and kind != "light":
+            if kind == "triggered":
+                return "escalated" if (why or "").startswith("tracked sharpness") else "guard"
+            return kind
+    return "?"
+
+
+def _header(title: str, columns: str) -> None:
+    """A markdown section title and table header of the ``|``-separated ``columns``."""
+    print(f"\n## {title}\n")
+    print(f"| {columns} |")
+    print("|" + " --- |" * (columns.count("|") + 1))
+
+
+def e2e_sources(runs: list[E2ERun]) -> None:
+    """Full probes that answered a light probe's escalation or the loss guard, and the
+    hits / false alarms their BlowupWarnings added (warnings after the pre-flight probe)."""
+    if not any(r.probe_log for r in runs):
+        return
+    _header(
+        "Probes after the pre-flight one, and what their BlowupWarnings added",
+        "setup | light probes | escalated full probes | guard-triggered probes | scheduled | "
+        "warnings by source (blown-up runs before the blow-up / calm runs) | "
+        "hits only from later probes | false alarms only from later probes",
+    )
+    for n in dict.fromkeys(r.setup for r in runs):
+        rs = [r for r in runs if r.setup == n]
+        count = {"light": 0, "escalated": 0, "guard": 0, "scheduled": 0}
+        src: dict[str, list[int]] = {}
+        late_hit = late_fa = 0
+        for r in rs:
+            for _, kind, why in r.probe_log:
+                if kind == "light":
+                    count["light"] += 1
+                elif kind == "triggered":
+                    esc = (why or "").startswith("tracked sharpness")
+                    count["escalated" if esc else "guard"] += 1
+                elif kind == "scheduled":
+                    count["scheduled"] += 1
+            blown = r.blowup_step is not None
+            ws = [w for w in r.warn_steps if not blown or w < r.blowup_step]
+            for w in ws:
+                src.setdefault(_probe_source(r, w), [0, 0])[0 if blown else 1] += 1
+            if ws and 0 not in ws:
+                late_hit += blown
+                late_fa += not blown
+        cells = ", ".join(f"{k} {a}/{c}" for k, (a, c) in src.items()) or "-"
+        print(
+            f"| {n} | {count['light']} | {count['escalated']} | {count['guard']} | "
+            f"{count['scheduled']} | {cells} | {late_hit} | {late_fa} |"
+        )
 
 
 def _linear(runs: list[E2ERun]) -> int:
@@ -790,13 +854,12 @@ def _linear(runs: list[E2ERun]) -> int:
 
 
 def e2e_tables(runs: list[E2ERun], lr_star: dict[tuple[str, int], float]) -> None:
-    print("\n## End to end through CoherenceMonitor / CoherenceProbe (BlowupWarning)\n")
-    print(
-        "| setup | recall | false alarms | lead, median [min] | hits by the pre-flight probe | "
+    _header(
+        "End to end through CoherenceMonitor / CoherenceProbe (BlowupWarning)",
+        "setup | recall | false alarms | lead, median [min] | hits by the pre-flight probe | "
         "pre-flight probe (steps, median) | all probes (steps, median) | bit-identical | "
-        "LinearInstabilityWarning: blown-up / calm runs |"
+        "LinearInstabilityWarning: blown-up / calm runs",
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for n in dict.fromkeys(r.setup for r in runs):
         rs = [r for r in runs if r.setup == n]
         blown = [r for r in rs if r.blowup_step is not None]
@@ -832,6 +895,7 @@ def e2e_tables(runs: list[E2ERun], lr_star: dict[tuple[str, int], float]) -> Non
         for k, v in r.probes.items():
             kinds[k] = kinds.get(k, 0) + v
     print(f"\nprobes by kind over {len(runs)} runs: {kinds}")
+    e2e_sources(runs)
 
 
 # --------------------------------------------------------------------------- tables
@@ -937,6 +1001,8 @@ def run_new_modes(args, seeds: list[int], t_start: float) -> None:
     opts = {}
     if args.e2e_fast:
         opts = dict(lyapunov=False, criterion="theorem1")
+    if args.e2e_estimates is not None:
+        opts["estimates"] = args.e2e_estimates
     draws, e2e_runs, stars = [], [], {}
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     factors = tuple(float(f) for f in args.lr_factors.split(",")) if args.lr_factors else LR_FACTORS
@@ -995,6 +1061,12 @@ def main() -> None:
     p.add_argument("--json", help="also write every run (criteria, blow-up step, costs) here")
     p.add_argument("--no-real-batches", dest="real_batches", action="store_false")
     p.add_argument("--lr-star", help="JSON cache of lr* per setup/B (read, and added to)")
+    p.add_argument(
+        "--e2e-estimates",
+        default=None,
+        help="with --e2e: the monitor's estimates= ('probe' skips the data-set estimates; "
+        "default: the library default)",
+    )
     p.add_argument(
         "--score", help="score the draws saved by --draws --json in these files (comma-separated)"
     )
