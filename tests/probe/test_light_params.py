@@ -109,24 +109,21 @@ def test_engine_params_by_name_light_probe_over_those_params(monkeypatch) -> Non
     assert res.metrics["sharpness/tracked"] == pytest.approx(direct.value, rel=1e-4)
 
 
-def _swap_frozen(model: nn.Sequential) -> None:
-    """Freeze layer 2, unfreeze layer 4: the same number of trainable entries, other ones."""
-    for p in model[2].parameters():
-        p.requires_grad_(False)
-    for p in model[4].parameters():
-        p.requires_grad_(True)
+def _train(layer: nn.Module, flag: bool) -> None:
+    for p in layer.parameters():
+        p.requires_grad_(flag)
 
 
 def test_a_vector_of_other_parameters_of_the_same_size_is_not_tracked(monkeypatch) -> None:
     data = _data()
     probe, clock = _probe(monkeypatch, data)
     model = _model()
-    for p in model[4].parameters():
-        p.requires_grad_(False)
+    _train(model[4], False)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     probe.start()
     probe.run(model, opt, 8, warn=collect([]))
-    _swap_frozen(model)
+    _train(model[2], False)  # as many trainable entries as before, other ones
+    _train(model[4], True)
     _steps(probe, clock)
     res = probe.run(model, opt, 8, warn=collect([]))
     assert res.kind == "postponed"  # skipped: nothing computed with the wrong vector
@@ -142,13 +139,11 @@ def test_warm_starts_survive_a_change_of_the_trainable_parameters(monkeypatch, k
     probe, _ = _probe(monkeypatch, data, **kw)
     probe.schedule.max_overhead = None  # every probe in full
     model = _model()
-    for p in model[0].parameters():
-        p.requires_grad_(False)
+    _train(model[0], False)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     probe.start()
     probe.run(model, opt, 8, warn=collect([]))
-    for p in model[0].parameters():
-        p.requires_grad_(True)
+    _train(model[0], True)
     probe.count_step()
     seen: list = []
     for _ in range(2):
