@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["preserved_state"]
+__all__ = ["preserved_rng", "preserved_state"]
 
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -169,6 +169,28 @@ def _restore_record(rec: _TensorRecord) -> None:
     if t.grad is not rec.grad:
         t.grad = rec.grad
     _restore_values(rec.grad, rec.grad_values)
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Run a block with the global generators (torch CPU, CUDA when initialised, numpy's,
+    Python's ``random``) restored afterwards, also when it raises: for work outside a model,
+    such as indexing a dataset whose items draw a random augmentation."""
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    snap = _Snapshot(
+        slots=[],
+        records=[],
+        training=[],
+        grad_enabled=torch.is_grad_enabled(),
+        torch_rng=torch.get_rng_state(),
+        cuda_rng=cuda_rng,
+        numpy_rng=np.random.get_state(),  # noqa: NPY002
+        python_rng=random.getstate(),
+    )
+    try:
+        yield
+    finally:
+        _restore_rng(snap)
 
 
 @contextlib.contextmanager

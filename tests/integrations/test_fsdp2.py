@@ -70,7 +70,7 @@ def test_fsdp2_sharded_probe(tmp_path) -> None:
     }
     for key, value in expected.items():
         assert last[key] == pytest.approx(value, rel=1e-6), key
-    assert torch.allclose(g0, ref.gram.to(torch.float64).reshape(g0.shape), rtol=1e-6, atol=1e-12)
+    assert torch.allclose(g0, ref.gram.to(g0.dtype).reshape(g0.shape), rtol=1e-6, atol=1e-12)
 
 
 def test_deal_terms_balances_and_is_deterministic() -> None:
@@ -151,7 +151,7 @@ def test_layers_the_registry_covers_are_split_too(one_rank) -> None:
     assert res.ggn_sharpness == pytest.approx(ref.ggn_sharpness, rel=1e-12)
     # report.gram of a float32 model is stored in float32 (its entries carry that rounding)
     rtol = 1e-10 if ref.gram.dtype == torch.float64 else 1e-6
-    assert torch.allclose(res.gram, ref.gram.to(torch.float64).reshape(res.gram.shape), rtol=rtol)
+    assert torch.allclose(res.gram, ref.gram.to(res.gram.dtype).reshape(res.gram.shape), rtol=rtol)
 
 
 def test_sharded_probe_needs_a_process_group() -> None:
@@ -161,3 +161,22 @@ def test_sharded_probe_needs_a_process_group() -> None:
     x, y = data()
     with pytest.raises(RuntimeError, match=r"torch\.distributed"):
         measure_curvature_sharded(model, x[:4], y[:4], nn.CrossEntropyLoss())
+
+
+def test_one_rank_gram_has_the_engine_dtype_and_feeds_the_dynamics(one_rank) -> None:
+    """The summed Gram of a float32 model carries float32 rounding: typed float32 like the
+    engine's, so the dynamics check it at that tolerance (typed float64 they refuse it as
+    indefinite: CE's Gram is rank deficient, its zero eigenvalues come out slightly negative)."""
+    from torch_coherence.dynamics.curvature_space import as_coefficient_curvature
+    from torch_coherence.integrations.distributed import measure_curvature_sharded
+
+    model = build_model()
+    x, y = data()
+    res = measure_curvature_sharded(model, x[:PROBE_SIZE], y[:PROBE_SIZE], nn.CrossEntropyLoss())
+    ref = measure_curvature(
+        model, x[:PROBE_SIZE], y[:PROBE_SIZE], nn.CrossEntropyLoss(), return_gram=True
+    )
+    assert res.gram.dtype == ref.gram.dtype == torch.float32
+    assert torch.allclose(res.gram, ref.gram, rtol=0, atol=1e-6 * float(ref.gram.abs().max()))
+    cc = as_coefficient_curvature(res.gram, "gram")
+    assert cc.rank == as_coefficient_curvature(ref.gram, "gram").rank

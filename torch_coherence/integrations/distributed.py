@@ -79,7 +79,9 @@ class ShardedCurvature:
         sigma_full: the full-data sigma estimate when ``n`` > m (docs/theory.md §6), else None.
         n: the data-set size ``sigma_full`` refers to (m when not given).
         num_samples: m.
-        gram: the summed block Gram K, float64, (m, R, m, R).
+        gram: the summed block Gram K (m, R, m, R): float64 for a float64 model, else
+            float32, like ``report.gram`` of :func:`~torch_coherence.measure_curvature` (its
+            entries carry float32 rounding; the dynamics read their tolerance from its dtype).
         terms: per rank, the indices of the layer terms that rank contracted.
         seconds: wall time of this rank's call.
     """
@@ -303,6 +305,8 @@ def measure_curvature_sharded(
         _reshard(model)
     dist.all_reduce(gram, group=group)
     stats = _gram_stats(gram, out.dtype, eig_method)
+    if out.dtype != torch.float64:  # carries float32 rounding: typed so, as the engine's
+        gram = gram.to(torch.float32)
     return ShardedCurvature(
         stats=stats,
         ggn_sharpness=float(stats.sharpness),

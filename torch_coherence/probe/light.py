@@ -72,17 +72,22 @@ class Tracked:
         kind: ``"ggn"`` or ``"hessian"``: the matrix ``vector`` belongs to.
         sharpness: the full probe's sharpness (the value the thresholds used).
         step: the optimizer step of that probe.
+        params: the parameters ``vector`` belongs to, in its order (empty: the model's
+            trainable ones); a light probe runs only while they are still exactly the
+            trainable parameters it measures.
     """
 
     vector: torch.Tensor
     kind: str
     sharpness: float
     step: int
+    params: tuple[torch.Tensor, ...] = ()
 
 
 def draw_batch(dataset: Any, size: int, seed: int, step: int, device: torch.device) -> tuple:
     """``size`` examples (all if fewer) of ``dataset`` without replacement, drawn by a private
     generator seeded by ``seed`` and ``step`` (the same on every rank and rerun)."""
+    from .._state import preserved_rng
     from ..curvature.sharpness import data_batch
 
     n = len(dataset)
@@ -93,8 +98,9 @@ def draw_batch(dataset: Any, size: int, seed: int, step: int, device: torch.devi
         x, y = _data.index(dataset.inputs, idx), _data.index(dataset.targets, idx)
     elif isinstance(tensors, tuple) and len(tensors) == 2:
         x, y = tensors[0][idx], tensors[1][idx]
-    else:
-        x, y = data_batch(dataset, idx, torch.device("cpu"))
+    else:  # items may draw a random augmentation: the global generators are put back
+        with preserved_rng():
+            x, y = data_batch(dataset, idx, torch.device("cpu"))
     return _data.to(x, device), _data.to(y, device)
 
 

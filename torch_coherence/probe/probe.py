@@ -236,6 +236,11 @@ def _default_tracker(*args: Any, **kwargs: Any) -> Any:
     return tracked_sharpness(*args, **kwargs)
 
 
+def _same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
+    """Whether two parameter lists are the same tensors in the same order."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
 def _preserved(model: nn.Module) -> Any:
     from .._state import preserved_state
 
@@ -404,6 +409,7 @@ class CoherenceProbe:
         self.lookahead = lookahead
         self.estimates = estimates
         self._dataset_vector: torch.Tensor | None = None
+        self._dataset_params: tuple[torch.Tensor, ...] = ()
         self._dataset_known = False
         self._tracker = tracker or _default_tracker
         self._tracked: _light.Tracked | None = None
@@ -424,6 +430,7 @@ class CoherenceProbe:
         # the warm start of the Hessian sharpness
         self.last_curvature: Any = None
         self._warm_vector: torch.Tensor | None = None
+        self._warm_params: tuple[torch.Tensor, ...] = ()
         self.last_report: StabilityReport | None = None
         self._hook: Any = None
         if probe is not None:
@@ -689,7 +696,9 @@ class CoherenceProbe:
         kwargs.setdefault("seed", self.seed)
         if self.forward_fn is not None:
             kwargs.setdefault("forward_fn", self.forward_fn)
-        if self._warm_vector is not None and kwargs["sharpness"] is not None:
+        plist = self._params(model)
+        warm = self._warm_vector is not None and _same(self._warm_params, plist)
+        if warm and kwargs["sharpness"] is not None:  # of the same parameters only
             kwargs.setdefault("init_vector", self._warm_vector)
         if self.mean_square_rate:
             kwargs.setdefault("return_gram", True)  # rho(T) needs K even when m R > 1024
@@ -707,7 +716,7 @@ class CoherenceProbe:
             if dataset:
                 t0 = _schedule.now()
                 try:
-                    sharp, sigma = self._dataset_estimates(model)
+                    sharp, sigma = self._dataset_estimates(model, plist)
                 except Exception as err:  # "auto": the probe's own values stand, said once
                     if self.estimates != "auto":
                         raise
@@ -716,7 +725,8 @@ class CoherenceProbe:
         self.last_curvature = curv
         warm = getattr(curv, "sharpness_vector", None)
         self._warm_vector = warm if isinstance(warm, torch.Tensor) else None
-        self._tracked = self._tracked_from(curv, sharp) or self._tracked
+        self._warm_params = plist
+        self._tracked = self._tracked_from(curv, sharp, plist) or self._tracked
         assessment = assess(
             curv,
             settings,
@@ -731,21 +741,31 @@ class CoherenceProbe:
         )
         return assessment, curv
 
-    def _tracked_from(self, curv: Any, sharp: Estimate | None) -> _light.Tracked | None:
-        """The eigenvector the light probes track: the training loss's (data-set estimates),
-        else the engine's Hessian one of the probe batch, else none."""
+    def _params(self, model: nn.Module) -> tuple[torch.Tensor, ...]:
+        """The trainable parameters measured, in the engine's order: those of
+        ``engine_kwargs["params"]`` (names or tensors), else all with ``requires_grad``."""
+        from ..curvature.measure import _select_params
+
+        return tuple(_select_params(model, self.engine_kwargs.get("params")).values())
+
+    def _tracked_from(
+        self, curv: Any, sharp: Estimate | None, plist: tuple[torch.Tensor, ...]
+    ) -> _light.Tracked | None:
+        """The eigenvector the light probes track (of the parameters ``plist``): the training
+        loss's (data-set estimates), else the engine's Hessian one of the probe batch, else
+        none."""
         if sharp is not None and isinstance(self._dataset_vector, torch.Tensor):
             kind = "hessian" if self.sharpness == "hessian" else "ggn"
             if kind == "ggn" and self._tracker is _default_tracker:
                 from ..curvature.tracked_sharpness import warm_up
 
                 warm_up()  # once per process: not in the first light probe's cost
-            return _light.Tracked(self._dataset_vector, kind, sharp.value, self.steps)
+            return _light.Tracked(self._dataset_vector, kind, sharp.value, self.steps, plist)
         if self._warm_vector is None:
             return None
         value = getattr(curv, "hessian_sharpness", None)
         value = float(value) if value is not None and math.isfinite(float(value)) else 0.0
-        return _light.Tracked(self._warm_vector, "hessian", value, self.steps)
+        return _light.Tracked(self._warm_vector, "hessian", value, self.steps, plist)
 
     def _light_cost(self) -> float:
         """The last light probe's cost, or before the first one an estimate from the training
@@ -760,9 +780,17 @@ class CoherenceProbe:
         (:mod:`.light`); ``None`` when there is no eigenvector to track or it does not fit.
 
         A failure is reported like a failed probe, and the eigenvector is dropped until the
-        next full probe."""
+        next full probe; so is an eigenvector of other parameters than the trainable ones
+        measured now (a layer frozen or unfrozen since), without a probe."""
         tracked = self._tracked
         if tracked is None or self.train_dataset is None:
+            return None
+        try:
+            plist = self._params(model)
+        except ValueError:  # no trainable parameter: nothing to track
+            plist = ()
+        if not plist or (tracked.params and not _same(tracked.params, plist)):
+            self._tracked = None
             return None
         if not self.schedule.affordable(self._light_cost()):
             return None
@@ -782,7 +810,7 @@ class CoherenceProbe:
                 kind=tracked.kind,
                 n=len(self.train_dataset),
                 forward_fn=self.forward_fn,
-                params=self.engine_kwargs.get("params"),
+                params=list(plist),
             )
         except Exception as err:  # reported; training goes on
             self._tracked = None
@@ -801,27 +829,29 @@ class CoherenceProbe:
             escalate=_light.escalation(res.value, settings, tracked),
         )
 
-    def _dataset_estimates(self, model: nn.Module) -> tuple[Estimate, Estimate]:
-        """The training loss's sharpness and sigma_n over the training set (the sharpness
-        warm-started from the last probe's eigenvector, a cache like the engine's): the exact
-        sigma_n up to :data:`EXACT_SIGMA_MAX` examples, the PPS estimate above."""
+    def _dataset_estimates(
+        self, model: nn.Module, plist: tuple[torch.Tensor, ...]
+    ) -> tuple[Estimate, Estimate]:
+        """The training loss's sharpness and sigma_n over the training set, both of the
+        parameters ``plist`` the engine measures (the sharpness warm-started from the last
+        probe's eigenvector when it is of the same parameters, a cache like the engine's):
+        the exact sigma_n up to :data:`EXACT_SIGMA_MAX` examples, the PPS estimate above."""
         from ..curvature import dataset_sharpness, estimate_sigma, exact_sigma
 
         if self.train_dataset is None:
             raise ValueError("estimates='dataset' needs the training dataset (set_probe)")
         kind = "hessian" if self.sharpness == "hessian" else "ggn"
-        common = {"seed": self.seed, "forward_fn": self.forward_fn}
+        params = list(plist)
+        common = {"seed": self.seed, "forward_fn": self.forward_fn, "params": params}
+        warm = self._dataset_vector if _same(self._dataset_params, plist) else None
         sharp = dataset_sharpness(
-            model,
-            self.loss,
-            self.train_dataset,
-            kind=kind,
-            init_vector=self._dataset_vector,
-            **common,
+            model, self.loss, self.train_dataset, kind=kind, init_vector=warm, **common
         )
-        self._dataset_vector = sharp.vector
+        self._dataset_vector, self._dataset_params = sharp.vector, plist
         if len(self.train_dataset) <= EXACT_SIGMA_MAX:
-            sig = exact_sigma(model, self.loss, self.train_dataset, forward_fn=self.forward_fn)
+            sig = exact_sigma(
+                model, self.loss, self.train_dataset, forward_fn=self.forward_fn, params=params
+            )
         else:
             sig = estimate_sigma(model, self.loss, self.train_dataset, m=SIGMA_PROBE_M, **common)
         stderr = float(sig.stderr)
