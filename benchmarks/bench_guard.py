@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_warnings as bw  # noqa: E402
+import bench_warnings as bw
 
-from torch_coherence.lookahead import draw_batches  # noqa: E402
-from torch_coherence.probe import schedule as sched_mod  # noqa: E402
+from torch_coherence.lookahead import draw_batches
+from torch_coherence.probe import schedule as sched_mod
 
 FACTORS = (0.25, 0.5, 0.8, 1.25, 2.0, 4.0)
 
@@ -91,8 +91,10 @@ def main() -> None:
                 for seed in range(args.seed_offset, args.seed_offset + args.seeds):
                     losses = trajectory(s, f * lr_star, b, seed)
                     runs.append((s.name, b, f * lr_star, losses, blowup_step(losses, b, s.loss0)))
-    print("setup | B | rule | calm runs | triggers in calm runs | blow-up runs | "
-          "runs with a trigger before the blow-up")
+    print(
+        "setup | B | rule | calm runs | triggers in calm runs | blow-up runs | "
+        "runs with a trigger before the blow-up"
+    )
     for label, over_max in (("shipped", sched_mod.SPIKE_OVER_MAX), ("without the max", 0.0)):
         sched_mod.SPIKE_OVER_MAX = over_max
         for name in args.setups.split(","):

@@ -81,6 +81,20 @@ class SharpnessResult:
     converged: bool
 
 
+def _measured_params(
+    model: torch.nn.Module, params: Sequence[torch.Tensor] | None
+) -> list[torch.Tensor]:
+    """``params`` checked, or the model's trainable parameters; never empty."""
+    plist = (
+        [p for p in model.parameters() if p.requires_grad]
+        if params is None
+        else _check_params(params)
+    )
+    if not plist:
+        raise ValueError("model has no parameters with requires_grad=True")
+    return plist
+
+
 def _check_params(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     if isinstance(params, torch.Tensor):
         raise TypeError("params must be a sequence of tensors, got a single tensor: wrap it")
@@ -493,13 +507,7 @@ def dataset_sharpness(
     n = data_length(data)
     if n < 1:
         raise ValueError("data: the data set is empty")
-    plist = (
-        [p for p in model.parameters() if p.requires_grad]
-        if params is None
-        else _check_params(params)
-    )
-    if not plist:
-        raise ValueError("model has no parameters with requires_grad=True")
+    plist = _measured_params(model, params)
     dim = sum(p.numel() for p in plist)
     v0 = _start_vector(init_vector, dim, seed)
     idx = sample_indices(n, max_samples, seed)

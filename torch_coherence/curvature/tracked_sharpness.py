@@ -239,7 +239,7 @@ def tracked_sharpness(
     from .._state import preserved_state
     from .gram import Forward
     from .losses import check_loss
-    from .sharpness import _check_params, _start_vector, data_length
+    from .sharpness import _measured_params, _start_vector, data_length
 
     t0 = time.perf_counter()
     if not isinstance(model, nn.Module):
@@ -247,13 +247,7 @@ def tracked_sharpness(
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     check_loss(loss)
-    plist = (
-        [p for p in model.parameters() if p.requires_grad]
-        if params is None
-        else _check_params(params)
-    )
-    if not plist:
-        raise ValueError("model has no parameters with requires_grad=True")
+    plist = _measured_params(model, params)
     sizes = [p.numel() for p in plist]
     if not isinstance(vector, torch.Tensor):
         raise TypeError(f"vector must be a torch.Tensor, got {type(vector).__name__}")

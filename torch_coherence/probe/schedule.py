@@ -9,8 +9,9 @@ Three kinds of probe (:attr:`Schedule.kind`):
 * ``"triggered"``: :meth:`Schedule.observe`, called after each optimizer step with the loss
   the loop already computed, asks for a probe at once when the loss is not finite, when it
   exceeds :data:`SPIKE_FACTOR` times its running median (and :data:`SPIKE_FLOOR` times the
-  loss at the fit's start, and :data:`SPIKE_OVER_MAX` times the largest older loss of the window), or when the learning rate changed by
-  more than :data:`LR_FACTOR` since the last probe; at most ``max_triggered`` per fit.
+  loss at the fit's start, and :data:`SPIKE_OVER_MAX` times the largest older loss of the
+  window), or when the learning rate changed by more than :data:`LR_FACTOR` since the last
+  probe; at most ``max_triggered`` per fit.
 * ``"scheduled"``: every ``every_n_steps`` optimizer steps, stretched by the time budget.
   When a scheduled probe's full cost does not fit the budget yet, a ``"light"`` probe
   (:mod:`.light`: the tracked sharpness, about one or two training steps) runs in its
