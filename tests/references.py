@@ -68,3 +68,14 @@ def random_factors(gen: torch.Generator, n: int, C: int, d: int) -> torch.Tensor
 def hessians_from_factors(factors: torch.Tensor) -> torch.Tensor:
     """H_i = A_i^T A_i."""
     return torch.einsum("ncd,nce->nde", factors, factors)
+
+
+def random_hessians(seed: int, n: int = 5, C: int = 2, d: int = 3) -> torch.Tensor:
+    """n random PSD d x d per-sample Hessians of rank C (seeded), float64."""
+    gen = torch.Generator().manual_seed(seed)
+    return hessians_from_factors(random_factors(gen, n, C, d))
+
+
+def top_eig(hessians) -> float:
+    """lambda_1 of the mean of ``hessians``."""
+    return float(np.linalg.eigvalsh(np.asarray(hessians).mean(0))[-1])

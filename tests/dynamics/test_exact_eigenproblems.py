@@ -14,7 +14,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from references import hessians_from_factors, random_factors
+from references import hessians_from_factors, random_factors, random_hessians
 from scipy import optimize
 
 from torch_coherence.dynamics import (
@@ -25,11 +25,6 @@ from torch_coherence.dynamics import (
 from torch_coherence.dynamics import operator as op
 
 SAMPLINGS = ("bernoulli", "without_replacement")
-
-
-def random_hessians(seed, n=5, C=2, d=3):
-    gen = torch.Generator().manual_seed(seed)
-    return hessians_from_factors(random_factors(gen, n, C, d)).numpy()
 
 
 def jacobian(H, x, lr, b, beta, q):
@@ -92,7 +87,7 @@ def first_root(f, lo, hi, num=300):
 @pytest.mark.parametrize(("b", "beta", "q"), [(1, 0.5, 0.0), (2, 0.9, 0.0), (3, 0.3, 0.4),
                                               (2, 0.7, 1.5)])  # fmt: skip
 def test_critical_lr_with_momentum_against_enumeration(sampling, b, beta, q):
-    H = random_hessians(11)
+    H = random_hessians(11).numpy()
     sam = dict(sam_rho=q) if q else {}
     got = critical_lr_exact(torch.from_numpy(H), b, sampling=sampling, momentum=beta, **sam)
     lam = float(np.linalg.eigvalsh(H.mean(0))[-1])
@@ -102,7 +97,7 @@ def test_critical_lr_with_momentum_against_enumeration(sampling, b, beta, q):
 
 
 def test_formula_reference_is_the_enumeration_at_integer_batch_sizes():
-    H = random_hessians(3, n=5)
+    H = random_hessians(3, n=5).numpy()
     for sampling, b, beta, q in itertools.product(SAMPLINGS, (1, 2, 4), (0.0, 0.6), (0.0, 0.5)):
         want = enumerated_rate(H, 0.7, b, sampling, beta, q)
         assert formula_rate(H, 0.7, b, sampling, beta, q) == pytest.approx(want, rel=1e-10)
@@ -112,7 +107,7 @@ def test_formula_reference_is_the_enumeration_at_integer_batch_sizes():
 @pytest.mark.parametrize(("lr_scale", "beta", "q"), [(1.2, 0.0, 0.0), (0.9, 0.0, 0.5),
                                                      (2.0, 0.8, 0.0), (1.5, 0.5, 0.3)])  # fmt: skip
 def test_critical_batch_size_against_formula_reference(sampling, lr_scale, beta, q):
-    H = random_hessians(5, n=6)
+    H = random_hessians(5, n=6).numpy()
     lr = lr_scale / float(np.linalg.eigvalsh(H.mean(0))[-1])
     sam = dict(sam_rho=q) if q else {}
     got = critical_batch_size_exact(torch.from_numpy(H), lr, sampling=sampling, momentum=beta,
@@ -124,7 +119,7 @@ def test_critical_batch_size_against_formula_reference(sampling, lr_scale, beta,
 
 
 def test_critical_batch_size_ends():
-    H = random_hessians(5, n=6)
+    H = random_hessians(5, n=6).numpy()
     lam = float(np.linalg.eigvalsh(H.mean(0))[-1])
     t = torch.from_numpy(H)
     assert critical_batch_size_exact(t, 2.5 / lam, momentum=0.0) == float("inf")  # GD unstable

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from references import F64, hessians_from_factors, random_factors, section51_hessians
+from references import F64, random_factors, random_hessians, section51_hessians, top_eig
 from scipy import optimize
 
 from torch_coherence.dynamics import (
@@ -23,15 +23,6 @@ from torch_coherence.dynamics import lyapunov as lyap
 from torch_coherence.dynamics.curvature_space import as_coefficient_curvature
 
 SAMPLINGS = ("bernoulli", "without_replacement")
-
-
-def random_hessians(seed, n=5, C=2, d=3):
-    gen = torch.Generator().manual_seed(seed)
-    return hessians_from_factors(random_factors(gen, n, C, d))
-
-
-def top_eig(H):
-    return float(np.linalg.eigvalsh(np.asarray(H).mean(0))[-1])
 
 
 # --------------------------------------------------------- batched == one learning rate

@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from references import F64, hessians_from_factors, random_factors, section51_hessians
+from references import F64, random_hessians, section51_hessians, top_eig
 from scipy import optimize, stats
 
 import torch_coherence as tc
@@ -108,15 +108,6 @@ def numpy_lyapunov(H, lr, b, sampling, steps, paths, seed, momentum=0.0, q=0.0, 
             logs += np.log(norm)
     est = logs / (steps - burn)
     return est.mean(), est.std(ddof=1) / math.sqrt(paths)
-
-
-def random_hessians(seed, n=5, C=2, d=3):
-    gen = torch.Generator().manual_seed(seed)
-    return hessians_from_factors(random_factors(gen, n, C, d))
-
-
-def top_eig(H):
-    return float(np.linalg.eigvalsh(np.asarray(H).mean(0))[-1])
 
 
 # ------------------------------------------------------------------------- exact values
