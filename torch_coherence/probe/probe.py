@@ -1044,8 +1044,12 @@ class CoherenceProbe:
                 (:class:`BlowupWarning`, :class:`LinearInstabilityWarning`).
         """
         base = result.seconds - sum(float(v) for v in result.updates.values())
+        adjusts = result.new_lr is not None and optimizer is not None
+        # the guard's reference is the lr in force after the probe: its own adjust_lr
+        # lowering is no lr change to trigger on
+        lr_after = result.new_lr if adjusts else result.lr
         self.schedule.record(
-            result.step, result.kind, result.seconds, result.next_step, result.lr, base
+            result.step, result.kind, result.seconds, result.next_step, lr_after, base
         )
         if result.kind == "postponed":
             return
@@ -1076,10 +1080,8 @@ class CoherenceProbe:
         categories = result.categories or (CoherenceWarning,) * len(result.messages)
         for msg, category in zip(result.messages, categories, strict=False):
             emit(msg, category)
-        if result.new_lr is not None and optimizer is not None:
+        if adjusts:
             set_learning_rate(optimizer, result.new_lr)
-            # the probe's own change is no trigger: the guard compares against the new lr
-            self.schedule.last_probe_lr = float(result.new_lr)
         if result.raise_error:
             if result.error is not None:
                 raise CoherenceProbeError(result.error)
