@@ -32,6 +32,7 @@ wherever it fits, and asks for a full probe when the tracked sharpness calls for
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -173,7 +174,7 @@ class Schedule:
         if len(self.losses) >= MIN_LOSSES and not quiet:
             median = statistics.median(self.losses)
             floor = SPIKE_FLOOR * (self.start_loss or 0.0)
-            older = list(self.losses)[:-SPIKE_RECENT]
+            older = itertools.islice(self.losses, len(self.losses) - SPIKE_RECENT)
             loud = value > SPIKE_OVER_MAX * max(older)
             if median > 0 and value > SPIKE_FACTOR * median and value > floor and loud:
                 reason = (
